@@ -1,0 +1,5 @@
+import sys
+
+from cura.cli import main
+
+sys.exit(main())
