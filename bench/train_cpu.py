@@ -1,0 +1,231 @@
+"""CPU training step time and peak memory: cura QLoRA vs cura LoRA vs peft (+ bitsandbytes).
+
+On SmolLM2-135M-Instruct (the bundled model), batch 4 x 256 tokens, 2 threads, gradient checkpointing on,
+LoRA r=16 on every linear layer but lm_head, each mode in its own process (so peak RSS is its own):
+
+    peft_bnb_qlora   transformers + bitsandbytes NF4 (double quant) + peft, torch AdamW   (the anchor)
+    peft_lora        transformers full-precision base + peft, torch AdamW
+    cura_lora        cura on the full-precision base, PagedAdamW
+    cura_qlora       cura on the NF4 + double-quantization base, PagedAdamW
+
+Reported: median seconds per optimizer step (after warm-up steps), peak RSS, and ratios from the same run.
+Usage: python bench/train_cpu.py [--steps 6] [--warmup 2]   -> bench/results/train_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BATCH, SEQ, RANK, ALPHA = 4, 256, 16, 32
+MODES = ("peft_bnb_qlora", "peft_lora", "cura_lora", "cura_qlora")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def batch(vocab: int, step: int):
+    import torch
+
+    g = torch.Generator().manual_seed(step)
+    ids = torch.randint(3, vocab, (BATCH, SEQ), generator=g)
+    return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+
+
+def run_peft(quantized: bool, folder: str, steps: int):
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {"dtype": torch.float32}
+    if quantized:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu" if quantized else None, **kwargs)
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=RANK, lora_alpha=ALPHA, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM"
+        ),
+    )
+    model.config.use_cache = False
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+    vocab = model.config.vocab_size
+
+    def step(i):
+        loss = model(**batch(vocab, i)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return step
+
+
+def run_cura(quantized: bool, folder: str, steps: int):
+    import torch
+    from cura.adapters import LoraConfig, attach_lora
+    from cura.models import load_model
+    from cura.optim import PagedAdamW
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from cura.train import TrainConfig
+    from cura.train.loop import optimizer_step
+
+    model = load_model(folder, quantize=quantized).model
+    attach_lora(model, LoraConfig(r=RANK, alpha=ALPHA, dropout=0.05))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = PagedAdamW(params, lr=2e-4)
+    sched = LambdaLR(opt, lambda s: 1.0)
+    config = TrainConfig(model=folder)
+    vocab = model.config.vocab_size
+    device = torch.device("cpu")
+
+    def step(i):
+        return optimizer_step(model, [batch(vocab, i)], opt, sched, params, config, device)["loss"]
+
+    return step
+
+
+def child(mode: str, folder: str, steps: int, warmup: int) -> dict:
+    import torch
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    rss_start = peak_rss()
+    build = run_peft if mode.startswith("peft") else run_cura
+    t0 = time.perf_counter()
+    step = build("qlora" in mode, folder, steps)
+    load_seconds = time.perf_counter() - t0
+    times, losses = [], []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        losses.append(step(i))
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return {
+        "mode": mode,
+        "median_step_seconds": statistics.median(times),
+        "step_seconds": times,
+        "peak_rss_bytes": peak_rss(),
+        "peak_rss_over_start_bytes": peak_rss() - rss_start,
+        "load_seconds": load_seconds,
+        "losses": losses,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--child", default=None)
+    parser.add_argument("--folder", default=None)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.folder, args.steps, args.warmup)))
+        return
+
+    from cura.models import resolve_source
+
+    _, folder = resolve_source("smollm2-135m")  # the cached transformers folder of the bundled model
+    results = {}
+    for mode in args.modes.split(","):
+        env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false")
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                mode,
+                "--folder",
+                str(folder),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        if proc.returncode != 0:
+            results[mode] = {"mode": mode, "error": proc.stderr.strip().splitlines()[-1:]}
+            print(f"{mode}: failed: {proc.stderr[-2000:]}", file=sys.stderr)
+            continue
+        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = results[mode]
+        print(
+            f"{mode:16} {r['median_step_seconds']:.3f} s/step  peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB",
+            file=sys.stderr,
+        )
+
+    def ratio(a, b, key):
+        if key in results.get(a, {}) and key in results.get(b, {}):
+            return results[a][key] / results[b][key]
+        return None
+
+    out = {
+        "benchmark": "train_cpu",
+        "model": "SmolLM2-135M-Instruct (bundled)",
+        "batch": BATCH,
+        "seq_len": SEQ,
+        "lora_r": RANK,
+        "threads": 2,
+        "gradient_checkpointing": True,
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+        "modes": results,
+        "ratios": {
+            "cura_qlora_vs_cura_lora_step_time": ratio("cura_qlora", "cura_lora", "median_step_seconds"),
+            "cura_qlora_vs_peft_bnb_qlora_step_time": ratio(
+                "cura_qlora", "peft_bnb_qlora", "median_step_seconds"
+            ),
+            "cura_qlora_vs_peft_bnb_qlora_peak_rss": ratio("cura_qlora", "peft_bnb_qlora", "peak_rss_bytes"),
+            "cura_lora_vs_peft_lora_step_time": ratio("cura_lora", "peft_lora", "median_step_seconds"),
+            "cura_lora_vs_peft_lora_peak_rss": ratio("cura_lora", "peft_lora", "peak_rss_bytes"),
+        },
+        "aims": {
+            "cura_qlora_vs_cura_lora_step_time": "<= 1.10",
+            "cura_qlora_vs_peft_bnb_qlora_step_time": "<= 0.5",
+            "cura_qlora_vs_peft_bnb_qlora_peak_rss": "<= 0.7",
+        },
+    }
+    path = Path(__file__).parent / "results" / "train_cpu.json"
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=2) + "\n")
+    os.replace(tmp, path)
+    print(json.dumps(out["ratios"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

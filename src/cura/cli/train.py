@@ -1,0 +1,121 @@
+"""`cura train`: fine-tune from a YAML config, flags, or nothing at all (the demo).
+
+Every key of `TrainConfig` is a flag (`--lora.r 8`, `--data.packing false`, `--grad-accum 4`), generated from
+the dataclasses so no default is restated here; a few short aliases cover the common ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cura.config import from_dict, leaf_fields, load_yaml, set_path
+
+# short flag -> config key
+ALIASES = {
+    "data": "data.path",
+    "eval_data": "data.eval_path",
+    "format": "data.format",
+    "output": "output_dir",
+    "seq_len": "data.max_length",
+    "packing": "data.packing",
+}
+
+
+def register(sub) -> None:
+    from cura.train.config import TrainConfig
+
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a model with QLoRA (no arguments: the demo on the bundled model)",
+        description="Fine-tune a model with QLoRA. With no config and no --data, runs the demo: the bundled "
+        "SmolLM2-135M-Instruct learns a fixed JSON answer format, and its answers before and after are shown.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", nargs="?", help="a YAML file with any of the keys below (flags override it)")
+    for alias, key in ALIASES.items():
+        p.add_argument(
+            f"--{alias.replace('_', '-')}",
+            dest=f"cfg:{key}",
+            default=argparse.SUPPRESS,
+            metavar="VALUE",
+            help=f"alias of --{key}",
+        )
+    p.add_argument(
+        "--field",
+        dest="fields",
+        action="append",
+        default=[],
+        metavar="NAME=COLUMN",
+        help="column mapping for custom data, e.g. --field prompt=question --field completion=answer",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set any config key, e.g. --set lora.r=8",
+    )
+    p.add_argument(
+        "--auto-fit",
+        metavar="MEMORY",
+        default=None,
+        help="shrink batch size / sequence length so the run fits in MEMORY (e.g. 12GB or a GPU name)",
+    )
+    taken = set(ALIASES)
+    for key, tp, _f in leaf_fields(TrainConfig):
+        if key in taken:
+            continue
+        flag = "--" + key.replace("_", "-")
+        kind = getattr(tp, "__name__", str(tp))
+        extra = {"nargs": "?", "const": "true"} if tp is bool else {}
+        p.add_argument(
+            flag, dest=f"cfg:{key}", default=argparse.SUPPRESS, metavar="VALUE", help=f"({kind})", **extra
+        )
+    p.set_defaults(func=run)
+
+
+def build_config(args):
+    """Merge YAML, flags and overrides into one validated TrainConfig; returns (config, is_demo)."""
+    from cura.errors import CuraError
+    from cura.train.config import TrainConfig
+
+    data: dict = load_yaml(args.config) if args.config else {}
+    for name, value in vars(args).items():
+        if name.startswith("cfg:"):
+            set_path(data, name[4:], value)
+    for item in args.overrides:
+        if "=" not in item:
+            raise CuraError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        set_path(data, key.strip(), value)
+    if args.fields:
+        mapping = {}
+        for item in args.fields:
+            if "=" not in item:
+                raise CuraError(f"--field expects NAME=COLUMN (e.g. prompt=question), got {item!r}")
+            k, v = item.split("=", 1)
+            mapping[k.strip()] = v.strip()
+        set_path(data, "data.fields", mapping)
+    is_demo = not (data.get("data") or {}).get("path")
+    if is_demo:
+        from cura.demo import demo_settings
+
+        data = demo_settings(data)
+    return from_dict(TrainConfig, data), is_demo
+
+
+def run(args) -> int:
+    config, is_demo = build_config(args)
+    if args.auto_fit:
+        from cura.train.autofit import auto_fit
+
+        config = auto_fit(config, args.auto_fit)
+    if is_demo:
+        from cura.demo import run_demo
+
+        return run_demo(config)
+    from cura.train import train
+
+    result = train(config)
+    return 0 if result.get("completed") or result.get("interrupted_by") else 1

@@ -1,0 +1,128 @@
+"""Text generation with the model's chat template: batched greedy decoding and streaming chat.
+
+`load_for_inference` is the one way the tools (generate, chat, the demo) get a model with an adapter: the
+base is quantized exactly as in training, the adapter's weights are loaded on top, and the chat template the
+adapter was trained with is used (with a warning when the base tokenizer's differs).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+Messages = list[dict[str, str]]
+
+
+def load_for_inference(
+    model_source: str,
+    adapter: str | Path | None = None,
+    *,
+    quantize: bool | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+    warn=lambda msg: print(f"warning: {msg}", file=sys.stderr),
+):
+    """(model, tokenizer) in eval mode: the base (4-bit unless the adapter was trained on a full-precision
+    base or `quantize=False`) with the adapter loaded and its training chat template in the tokenizer."""
+    from cura.adapters import load_adapter, read_adapter_metadata
+    from cura.models import load_model
+
+    meta: dict[str, Any] = {}
+    if adapter is not None:
+        meta = read_adapter_metadata(adapter) or {}
+    if quantize is None:
+        quantize = meta.get("method", "qlora") != "lora"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    loaded = load_model(model_source, quantize=quantize, compute_dtype=compute_dtype, device=device)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if adapter is not None:
+        load_adapter(model, adapter, trainable=False)
+        trained_template = meta.get("chat_template")
+        if trained_template and trained_template != getattr(tokenizer, "chat_template", None):
+            if getattr(tokenizer, "chat_template", None):
+                warn(
+                    f"the adapter in {adapter} was trained with a different chat template than the base "
+                    "tokenizer's; using the adapter's template so prompts look like training"
+                )
+            tokenizer.chat_template = trained_template
+    model.eval()
+    model.config.use_cache = True
+    return model, tokenizer
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """EOS plus the end-of-turn markers common templates use, as far as the vocabulary has them."""
+    ids = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    vocab = tokenizer.get_vocab()
+    for marker in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>", "<|endoftext|>"):
+        if marker in vocab and vocab[marker] not in ids:
+            ids.append(vocab[marker])
+    return ids
+
+
+def render(tokenizer, prompt: str | Messages, *, chat: bool = True) -> str:
+    """The prompt as the model sees it: the chat template with the assistant turn opened."""
+    if isinstance(prompt, str):
+        if not chat or not getattr(tokenizer, "chat_template", None):
+            return prompt
+        prompt = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str | Messages],
+    *,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    chat: bool = True,
+    streamer=None,
+    progress: bool = False,
+) -> list[str]:
+    """Complete each prompt (greedy when temperature is 0), batched with left padding; returns the new text."""
+    texts = [render(tokenizer, p, chat=chat) for p in prompts]
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    outputs: list[str] = []
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    was_training = model.training
+    model.eval()
+    starts = range(0, len(texts), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="generating", unit="batch")
+    try:
+        for start in starts:
+            chunk = texts[start : start + batch_size]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            sampling = (
+                {"do_sample": True, "temperature": temperature, "top_p": top_p}
+                if temperature > 0
+                else {"do_sample": False}
+            )
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=stop_token_ids(tokenizer),
+                pad_token_id=pad_id,
+                use_cache=True,
+                streamer=streamer,
+                **sampling,
+            )
+            new = out[:, enc["input_ids"].shape[1] :]
+            outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = old_side
+        model.train(was_training)
+    return [o.strip() for o in outputs]

@@ -1,0 +1,147 @@
+"""Checkpoints that never damage a run.
+
+A checkpoint is a folder `checkpoints/step-000050/` holding everything an exact resume needs:
+
+    adapter_model.safetensors + adapter_config.json   the LoRA weights (PEFT layout)
+    optimizer.safetensors                             every tensor of the optimizer state
+    trainer_state.json                                step, data position, scheduler, RNG-free state,
+                                                      optimizer param groups and scalar state
+    rng.safetensors                                   torch (and CUDA) RNG states
+
+It is written into `checkpoints/.tmp-step-000050/` and renamed into place only when complete, so an
+interrupted save leaves the previous checkpoint untouched and `latest_checkpoint` ignores the debris. No
+pickle is involved: tensors go through safetensors, the rest through JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cura.errors import CuraError
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+COMPLETE_MARKER = "trainer_state.json"
+
+
+def checkpoint_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:06d}"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _optimizer_to_flat(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, pstate in state_dict["state"].items():
+        for name, value in pstate.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, values in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"cuda.{i}"] = s
+    return states
+
+
+def set_rng_state(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["torch"])
+    cuda = [states[k] for k in sorted(states) if k.startswith("cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    save_adapter_to,  # callable(folder) writing the adapter files
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    trainer_state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint `step` atomically and prune old ones, keeping the newest `keep`."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir(root, step)
+    tmp = root / f".tmp-{final.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_adapter_to(tmp)
+    tensors, meta = _optimizer_to_flat(optimizer.state_dict())
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    save_file({k: v.contiguous() for k, v in rng_state().items()}, str(tmp / "rng.safetensors"))
+    state = dict(trainer_state, step=step, optimizer=meta, scheduler=scheduler.state_dict())
+    # trainer_state.json is written last: its presence marks the folder as complete.
+    (tmp / COMPLETE_MARKER).write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
+    if final.exists():  # a re-save of the same step (e.g. the final save after an interval save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _prune(root, keep)
+    return final
+
+
+def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and (child / COMPLETE_MARKER).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def _prune(root: Path, keep: int) -> None:
+    for _, path in _complete_checkpoints(root)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint folder, ignoring temporary and incomplete ones."""
+    found = _complete_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def load_checkpoint(path: Path, *, optimizer: torch.optim.Optimizer, scheduler) -> dict[str, Any]:
+    """Restore optimizer, scheduler and RNG from `path`; returns the trainer state (step, data position...)."""
+    try:
+        state = json.loads((path / COMPLETE_MARKER).read_text(encoding="utf-8"))
+        tensors = load_file(str(path / "optimizer.safetensors"))
+        rng = load_file(str(path / "rng.safetensors"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CuraError(
+            f"checkpoint {path} is unreadable ({exc}); delete it to resume from an earlier one"
+        ) from None
+    optimizer.load_state_dict(_optimizer_from_flat(tensors, state.pop("optimizer")))
+    scheduler.load_state_dict(state.pop("scheduler"))
+    set_rng_state(rng)
+    return state

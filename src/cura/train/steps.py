@@ -1,0 +1,143 @@
+"""The named steps of one optimizer step: loss, schedule, stop signals, memory readings.
+
+The loss is computed only where it is needed: hidden states at the trained positions (labels != -100) go
+through the output layer a chunk at a time, each chunk under activation checkpointing, so the full
+(batch, seq, vocab) logits tensor never exists. For a 49k-token vocabulary at 4 x 256 tokens that is 200 MB of
+float32 logits (and as much again for their gradient) that a plain `model(..., labels=...)` would hold.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import signal
+import sys
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def _chunk_loss_sum(
+    hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, softcap: float | None
+):
+    logits = head(hidden).float()  # (N, V)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def loss_sum(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int
+) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the trained tokens of `batch`, and their count.
+
+    labels are aligned with input_ids: the prediction at position t is scored against labels[t + 1].
+    """
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    targets = batch["labels"][:, 1:]  # (B, T-1)
+    mask = targets != IGNORE_INDEX
+    n_tokens = int(mask.sum())
+    hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+    if n_tokens == 0:
+        return hidden.sum() * 0.0, 0
+    hidden = hidden[:, :-1][mask]  # (N, H)
+    targets = targets[mask]  # (N,)
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, n_tokens, chunk_tokens):
+        h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
+        if torch.is_grad_enabled() and h.requires_grad:
+            total = total + checkpoint(_chunk_loss_sum, h, t, head, softcap, use_reentrant=False)
+        else:
+            total = total + _chunk_loss_sum(h, t, head, softcap)
+    return total, n_tokens
+
+
+def count_trained_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def count_input_tokens(batch: dict[str, torch.Tensor]) -> int:
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        return int(mask.sum())
+    return int(batch["input_ids"].numel())
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
+    """Multiplier of the base learning rate at optimizer step `s` (0-based): linear warmup, then the schedule."""
+
+    def factor(s: int) -> float:
+        if warmup_steps and s < warmup_steps:
+            return (s + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (s - warmup_steps) / span)
+        if schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine to zero
+
+    return factor
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of the run so far: CUDA allocations on a GPU, the process's peak RSS on a CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def current_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return peak_memory_bytes(device)
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM: the loop finishes its step, saves and exits cleanly. A second signal aborts."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.requested is not None
+
+
+@contextmanager
+def graceful_stop():
+    flag = StopFlag()
+    signals = [signal.SIGINT, signal.SIGTERM]
+    previous = {}
+
+    def handler(signum, frame):
+        if flag.requested:  # second signal: stop now
+            raise KeyboardInterrupt
+        flag.requested = signal.Signals(signum).name
+        print(
+            f"\n{flag.requested} received: finishing this step and saving a checkpoint "
+            "(send it again to abort without saving)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    try:
+        for s in signals:
+            previous[s] = signal.signal(s, handler)
+    except ValueError:  # not the main thread: no signal handling
+        previous = {}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
