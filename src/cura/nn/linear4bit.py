@@ -1,0 +1,241 @@
+"""`Linear4bit`: a frozen linear layer whose weight is stored in 4 bits (NF4/FP4, bitsandbytes layout).
+
+    y = x @ dequant(W4)^T (+ bias)
+
+The autograd function saves only the 4-bit weight (packed codes and block scales; x is not needed because
+W is frozen) and dequantizes again in backward, ``dL/dx = dL/dy @ dequant(W4)``: a dequantized copy never
+outlives one matmul. The 4-bit tensors are buffers (they follow ``module.to(device)`` and never appear in
+``parameters()``); ``state_dict()`` holds exactly the keys transformers + bitsandbytes write for the layer
+(``weight``, ``weight.absmax``, ``weight.quant_map``, ..., ``bias``), and ``load_state_dict`` reads them.
+"""
+
+import torch
+from torch import nn
+
+from cura.quant import QuantizedTensor, quantize
+
+_QUANT_BUFFERS = ("absmax", "code", "nested_absmax", "nested_code")
+
+
+class _Dequantized4bitMatmul(torch.autograd.Function):
+    """``x @ dequant(W)^T``; saves the 4-bit tensors only and dequantizes them again in backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight: QuantizedTensor, dtype: torch.dtype, packed, absmax, nested_absmax):
+        # `packed`, `absmax`, `nested_absmax` are the tensors inside `weight`, passed so that autograd
+        # sees (and saved-tensor hooks count) exactly what is kept for backward.
+        ctx.weight = weight
+        ctx.save_for_backward(packed, absmax, nested_absmax)
+        return x @ weight.dequantize(dtype).t()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        packed, absmax, nested_absmax = ctx.saved_tensors  # keeps them alive (and version-checked)
+        grad_x = grad_out @ ctx.weight.dequantize(grad_out.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None, None, None
+
+
+def linear_4bit(
+    x: torch.Tensor,
+    weight: QuantizedTensor,
+    bias: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``x @ dequant(weight)^T + bias`` in `compute_dtype` (default: x's dtype), returned in x's dtype."""
+    dtype = compute_dtype or x.dtype
+    y = _Dequantized4bitMatmul.apply(
+        x.to(dtype), weight, dtype, weight.packed, weight.absmax, weight.nested_absmax
+    )
+    if bias is not None:
+        y = y + bias.to(dtype)
+    return y.to(x.dtype)
+
+
+class Linear4bit(nn.Module):
+    """A frozen linear layer with a 4-bit weight; see the module docstring for the formula and layout."""
+
+    def __init__(
+        self,
+        weight: QuantizedTensor,
+        bias: torch.Tensor | None = None,
+        compute_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if len(weight.shape) != 2:
+            raise ValueError(f"Linear4bit needs a 2-D weight [out, in], got shape {tuple(weight.shape)}.")
+        self.out_features, self.in_features = weight.shape
+        self.compute_dtype = compute_dtype
+        self._set_weight(weight)
+        self.bias = (
+            None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        )
+
+    def _set_weight(self, q: QuantizedTensor) -> None:
+        self.register_buffer("weight", q.packed)
+        self.register_buffer("absmax", q.absmax)
+        self.register_buffer("code", q.code)
+        self.register_buffer("nested_absmax", q.nested_absmax)
+        self.register_buffer("nested_code", q.nested_code)
+        self._meta = dict(
+            shape=q.shape,
+            dtype=q.dtype,
+            quant_type=q.quant_type,
+            blocksize=q.blocksize,
+            offset=q.offset,
+            nested_blocksize=q.nested_blocksize,
+        )
+
+    @property
+    def quant_type(self) -> str:
+        return self._meta["quant_type"]
+
+    @property
+    def quantized_weight(self) -> QuantizedTensor:
+        """The 4-bit weight as a `QuantizedTensor` view of this module's (current-device) buffers."""
+        buffers = {name: getattr(self, name) for name in _QUANT_BUFFERS}
+        return QuantizedTensor(packed=self.weight, **buffers, **self._meta)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = None,
+    ) -> "Linear4bit":
+        """Quantize `linear`'s weight (its bias stays in full precision)."""
+        q = quantize(
+            linear.weight.detach(), quant_type=quant_type, blocksize=blocksize, double_quant=double_quant
+        )
+        return cls(q, linear.bias, compute_dtype=compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_4bit(x, self.quantized_weight, self.bias, self.compute_dtype)
+
+    def extra_repr(self) -> str:
+        m, bias, dq = self._meta, self.bias is not None, self._meta["offset"] is not None
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}, "
+            f"quant_type={m['quant_type']}, blocksize={m['blocksize']}, double_quant={dq}"
+        )
+
+    def _apply(self, fn, recurse=True):
+        """`module.to(device)` moves the 4-bit tensors; dtype casts (``.half()``, ``.to(bfloat16)``) leave
+        them alone (only the bias is cast), so the codes and their scales are never altered."""
+        quant = {name: self._buffers.pop(name) for name in ("weight", *_QUANT_BUFFERS)}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, t in quant.items():
+                if t is not None:
+                    t = t.to(fn(torch.empty(0, dtype=t.dtype, device=t.device)).device)
+                self._buffers[name] = t
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # bitsandbytes' order: weight, bias, then the quant-state entries of the weight.
+        entries = self.quantized_weight.to_bnb_state_dict(prefix + "weight")
+        destination[prefix + "weight"] = entries.pop(prefix + "weight")
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias
+        destination.update(entries)
+        if not keep_vars:
+            for key in [prefix + "weight", prefix + "bias", *entries]:
+                if key in destination:
+                    destination[key] = destination[key].detach()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        own = {k: v for k, v in state_dict.items() if k.startswith(prefix + "weight")}
+        # Only this layer's keys: "weight" and "weight.<part>" (not a sibling named "weight_x").
+        own = {k: v for k, v in own.items() if k == prefix + "weight" or k.startswith(prefix + "weight.")}
+        if not own:
+            missing_keys.append(prefix + "weight")
+        else:
+            try:
+                q = QuantizedTensor.from_bnb_state_dict(own, prefix + "weight")
+            except ValueError as err:
+                error_msgs.append(str(err))
+            else:
+                if tuple(q.shape) != (self.out_features, self.in_features):
+                    error_msgs.append(
+                        f"size mismatch for {prefix}weight: checkpoint has {tuple(q.shape)}, "
+                        f"the layer is {(self.out_features, self.in_features)}."
+                    )
+                else:
+                    # A layer built on the meta device takes the checkpoint's tensors where they are.
+                    self._set_weight(q if self.weight.is_meta else q.to(self.weight.device))
+        bias_key = prefix + "bias"
+        if self.bias is not None:
+            if bias_key in state_dict and state_dict[bias_key].shape != self.bias.shape:
+                error_msgs.append(
+                    f"size mismatch for {bias_key}: checkpoint has {tuple(state_dict[bias_key].shape)}, "
+                    f"the layer is {tuple(self.bias.shape)}."
+                )
+            elif bias_key in state_dict:
+                with torch.no_grad():
+                    self.bias.copy_(state_dict[bias_key])
+            else:
+                missing_keys.append(bias_key)
+        elif bias_key in state_dict and strict:
+            unexpected_keys.append(bias_key)
+
+
+def _matches(name: str, suffixes) -> bool:
+    return any(name == s or name.endswith("." + s) for s in suffixes)
+
+
+def quantize_model(
+    model: nn.Module,
+    *,
+    skip: tuple[str, ...] = ("lm_head",),
+    include: tuple[str, ...] | None = None,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | None = None,
+) -> list[str]:
+    """Replace every `nn.Linear` of `model` (in place) by a `Linear4bit`, one layer at a time.
+
+    A layer is skipped when its name ends in an entry of `skip` (whole dotted components); when `include`
+    is given, only names ending in one of its entries are replaced. Each float weight is dropped as soon as
+    its layer is swapped, so peak memory stays near the quantized size. Returns the replaced names.
+    """
+    names = [
+        name
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear
+        and not _matches(name, skip)
+        and (include is None or _matches(name, include))
+    ]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child)
+        setattr(
+            parent, child, Linear4bit.from_linear(linear, quant_type, blocksize, double_quant, compute_dtype)
+        )
+        linear.weight = None  # drop the float weight now (the model no longer references it)
+        del linear
+    return names
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Swap every `Linear4bit` of `model` (in place) back to an `nn.Linear` with the dequantized weight."""
+    names = [name for name, module in model.named_modules() if isinstance(module, Linear4bit)]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer: Linear4bit = getattr(parent, child)
+        q = layer.quantized_weight
+        linear = nn.Linear(
+            layer.in_features, layer.out_features, bias=layer.bias is not None, device=q.device, dtype=q.dtype
+        )
+        with torch.no_grad():
+            linear.weight.copy_(q.dequantize(q.dtype))
+            if layer.bias is not None:
+                linear.bias.copy_(layer.bias)
+        setattr(parent, child, linear)
+    return model

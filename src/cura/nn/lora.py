@@ -1,0 +1,74 @@
+"""LoRA: a frozen linear layer plus a trainable low-rank update (Hu et al. 2021, arXiv 2106.09685).
+
+    x ──┬──────────── base_layer (frozen W0: nn.Linear or 4-bit Linear4bit) ─────────┐
+        │                                                                           (+)──> y
+        └─ dropout ─> lora_A (r x in, Kaiming-uniform) ─> lora_B (out x r, zeros) ─> * scale ─┘
+
+    y = W0 x + scale * B A dropout(x),    scale = alpha / r            (LoRA)
+                                          scale = alpha / sqrt(r)      (rsLoRA, Kalajdzievska 2023, 2312.03732)
+
+B starts at zero, so a fresh adapter leaves the base model's outputs unchanged. The sum is computed in the
+same order as PEFT's `lora.Linear` (`base + lora_B(lora_A(dropout(x))) * scale`), so the two agree bit for
+bit. `lora_A` and `lora_B` are plain `nn.Linear(bias=False)`: state-dict keys end in `lora_A.weight` and
+`lora_B.weight`, as in the PEFT format.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """alpha / r, or alpha / sqrt(r) with rank-stabilised LoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def _compute_dtype_and_device(base: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The LoRA weights follow the base layer's compute dtype (float32 when it stores no float weight)."""
+    dtype = getattr(base, "compute_dtype", None)
+    tensors = [t for t in (*base.parameters(recurse=False), *base.buffers(recurse=False))]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    if dtype is None:
+        floats = [t.dtype for t in tensors if t.is_floating_point()]
+        dtype = floats[0] if floats else torch.float32
+    return dtype, device
+
+
+class LoRALinear(nn.Module):
+    """`y = base_layer(x) + scale * lora_B(lora_A(dropout(x)))` around any layer with in/out_features."""
+
+    def __init__(
+        self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.05, use_rslora: bool = False
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features: int = base_layer.in_features
+        self.out_features: int = base_layer.out_features
+        self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
+        self.scaling = lora_scale(r, alpha, use_rslora)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        dtype, device = _compute_dtype_and_device(base_layer)
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, dtype=dtype, device=device)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, dtype=dtype, device=device)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """A like PEFT (Kaiming-uniform, a=sqrt(5)); B zeros, so the adapter starts as the identity."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    @property
+    def weight(self) -> torch.Tensor:  # some model code reads `proj.weight.dtype`
+        return self.base_layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        lora_in = self.lora_dropout(x.to(self.lora_A.weight.dtype))
+        update = self.lora_B(self.lora_A(lora_in)) * self.scaling
+        return result + update.to(result.dtype)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, rslora={self.use_rslora}"
