@@ -1,0 +1,27 @@
+"""LoRA adapters: attach to a model, freeze the rest, save and load in the PEFT format, merge into weights.
+
+config = LoraConfig(r=16, alpha=32)           # every linear but lm_head
+attach_lora(model, config)                    # -> wrapped module paths; only LoRA weights train
+save_adapter(model, config, "run/adapter", base_model_name_or_path="smollm2-135m")
+load_adapter(fresh_model, "run/adapter")      # also reads adapters written by PEFT
+merged = merge_lora(base.state_dict(), adapter_state_dict(model), config)
+"""
+
+from cura.adapters.attach import attach_lora, linear_layers, lora_layers, set_trainable, unwrap_lora
+from cura.adapters.config import LoraConfig
+from cura.adapters.io import adapter_state_dict, load_adapter, read_adapter_metadata, save_adapter
+from cura.adapters.merge import merge_lora
+
+__all__ = [
+    "LoraConfig",
+    "adapter_state_dict",
+    "attach_lora",
+    "linear_layers",
+    "load_adapter",
+    "lora_layers",
+    "merge_lora",
+    "read_adapter_metadata",
+    "save_adapter",
+    "set_trainable",
+    "unwrap_lora",
+]

@@ -1,0 +1,316 @@
+"""Load a causal LM from any source, quantizing each linear layer to 4 bits as its weight is read.
+
+Lean loading (peak memory ~ the quantized model plus one full-precision weight):
+
+    config.json ──> model skeleton on the meta device (no memory)
+                    non-persistent buffers (rotary inv_freq, embed scales) materialised and initialised
+                    by the model's own `_init_weights` on the real device
+    safetensors ──> for each target linear: read W (one tensor) -> quantize (NF4 + DQ) -> Linear4bit
+                    for every other tensor: read -> cast to compute_dtype -> assign into the skeleton
+                    tied weights (lm_head <- embed_tokens) re-tied; nothing may stay on meta
+
+A prequantized bitsandbytes checkpoint ("bnb") takes the same path, building each Linear4bit from its
+stored 4-bit state instead of quantizing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from cura.errors import CuraError
+from cura.models.checkpoint import CheckpointReader
+from cura.models.gguf import cached_gguf_folder, gguf_to_hf_folder
+from cura.models.sources import BUNDLED_NAME, resolve_source
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+BNB_STATE_SUFFIXES = ("bitsandbytes__nf4", "bitsandbytes__fp4")
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model: a transformers `*ForCausalLM` in eval mode, its tokenizer, and where it came from.
+
+    `kind` is "hf", "gguf", "bnb" or "bundled" (see `cura.models.sources.resolve_source`)."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    source: str
+    kind: str
+
+
+def hf_folder(kind: str, path: Path) -> Path:
+    """The transformers folder to read for a resolved source (GGUF sources are converted once and cached)."""
+    if kind in ("gguf", "bundled"):
+        return gguf_to_hf_folder(path, BUNDLED_NAME if kind == "bundled" else None)
+    return path
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def tokenizer_from_folder(folder: Path, *, trust_remote_code: bool = False):
+    """AutoTokenizer for a model folder, with a CuraError when the folder has no tokenizer files."""
+    from transformers import AutoTokenizer
+
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise CuraError(
+            f"model folder {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): save the base "
+            "model's tokenizer into it with `tokenizer.save_pretrained(folder)`"
+        )
+    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(source: str | Path, *, trust_remote_code: bool = False):
+    """The tokenizer (with its chat template) of a model source, without loading the weights (a GGUF source
+    is converted to its cache folder on first use, so the model load that usually follows is fast)."""
+    kind, path = resolve_source(source)
+    return tokenizer_from_folder(hf_folder(kind, path), trust_remote_code=trust_remote_code)
+
+
+def model_config(source: str | Path, *, trust_remote_code: bool = False):
+    """The transformers config of a model source, without reading any weights (for the memory planner)."""
+    from transformers import AutoConfig
+
+    kind, path = resolve_source(source)
+    if kind in ("gguf", "bundled"):
+        folder = cached_gguf_folder(path, BUNDLED_NAME if kind == "bundled" else None)
+        if folder is None:  # read the GGUF's metadata only; no conversion
+            return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        path = folder
+    return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+
+
+def load_model(
+    source: str | Path,
+    *,
+    quantize: bool = True,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.float32,
+    skip: tuple[str, ...] = ("lm_head",),
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load `source` (HF folder | .gguf | bnb-4bit folder | "smollm2-135m") as a `*ForCausalLM` in eval mode.
+
+    With `quantize=True` every `nn.Linear` whose name does not match `skip` becomes a cura `Linear4bit`
+    (`quant_type` codes, `blocksize` elements per absmax, double quantization of the absmax); embeddings,
+    norms and skipped linears stay in `compute_dtype`. With `quantize=False` the model is exactly what
+    transformers loads in `compute_dtype` (a bnb checkpoint is dequantized). A bnb checkpoint keeps the 4-bit
+    settings it was saved with; `quant_type`, `blocksize` and `double_quant` apply to layers quantized here."""
+    kind, path = resolve_source(source)
+    folder = hf_folder(kind, path)
+    tokenizer = tokenizer_from_folder(folder, trust_remote_code=trust_remote_code)
+    spec = QuantSpec(quant_type, blocksize, double_quant) if quantize else None
+    model = load_checkpoint(
+        folder,
+        spec,
+        compute_dtype=compute_dtype,
+        skip=skip,
+        device=device,
+        trust_remote_code=trust_remote_code,
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, source=str(source), kind=kind)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize the target linears of a model being loaded."""
+
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+
+
+def matches(name: str, patterns: tuple[str, ...]) -> bool:
+    """True when a module name is one of `patterns`, or ends with ".<pattern>" (e.g. "lm_head", "o_proj")."""
+    return any(name == p or name.endswith("." + p) or name.startswith(p + ".") for p in patterns)
+
+
+def load_checkpoint(
+    folder: Path,
+    spec: QuantSpec | None,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+    skip: tuple[str, ...] = ("lm_head",),
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+):
+    """Build the model of a transformers folder on meta, then stream its tensors in (see module docstring)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    if hasattr(config, "quantization_config"):  # a bnb folder: the 4-bit state is read from the tensors
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=compute_dtype, trust_remote_code=trust_remote_code
+        )
+    device = torch.device(device)
+    init_non_persistent_buffers(model, device)
+    tied = dict(getattr(model, "all_tied_weights_keys", {}) or {})
+    with CheckpointReader(folder) as ckpt:
+        replaced = load_linears(model, ckpt, tied, spec, skip, compute_dtype, device)
+        load_other_tensors(model, ckpt, tied, replaced, device)
+    retie(model, tied, replaced)
+    left = [k for k, t in model.state_dict(keep_vars=True).items() if t.is_meta]
+    if left:
+        raise CuraError(
+            f"checkpoint {folder} is missing {len(left)} tensors (first: {left[0]}): re-save the model"
+        )
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    return model.eval()
+
+
+def load_linears(model, ckpt, tied, spec, skip, compute_dtype, device) -> set[str]:
+    """Replace each linear that is stored in 4 bits, or is a quantization target, by a Linear4bit (or a
+    dequantized nn.Linear for a bnb layer with `spec=None`); returns the replaced module names."""
+    replaced = set()
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for name in linears:
+        layer = read_linear(ckpt, name, model.get_submodule(name), tied, spec, skip, compute_dtype, device)
+        if layer is not None:
+            model.set_submodule(name, layer)
+            replaced.add(name)
+    return replaced
+
+
+def load_other_tensors(model, ckpt, tied, replaced: set[str], device) -> None:
+    """Read every remaining parameter and persistent buffer into the skeleton, in the skeleton's dtype."""
+    for key, tensor in model_tensors(model, replaced):
+        if key in tied and (key not in ckpt or tied[key] in ckpt):
+            continue  # re-tied after its source is loaded, as transformers does
+        if key not in ckpt:
+            raise CuraError(
+                f"checkpoint {ckpt.folder} has no tensor '{key}' that {type(model).__name__} needs: the "
+                "weights do not match config.json; re-save the model or fix the config"
+            )
+        set_tensor(model, key, cast(ckpt.get(key), tensor.dtype, device))
+
+
+def retie(model, tied: dict[str, str], replaced: set[str]) -> None:
+    """Point each tied parameter (e.g. `lm_head.weight`) at its loaded source parameter."""
+    for target, src in tied.items():
+        if target.rpartition(".")[0] in replaced:
+            continue  # a quantized lm_head holds its own 4-bit copy
+        if target_param_is_meta(model, target):
+            set_tensor(model, target, model.get_parameter(src), keep_object=True)
+
+
+def init_non_persistent_buffers(model, device: torch.device) -> None:
+    """Materialise buffers that checkpoints never hold (rotary `inv_freq`, embedding scales) on `device`
+    and fill them with the model's own initialisation, as transformers does after loading."""
+    owners = {}
+    for key, buffer in list(model.named_buffers()):
+        module_name, _, attr = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        if attr in module._non_persistent_buffers_set:
+            module._buffers[attr] = torch.empty_like(buffer, device=device)
+            owners[module_name] = module
+    with torch.no_grad():
+        for module in owners.values():
+            model._init_weights(module)
+
+
+def model_tensors(model, replaced: set[str]):
+    """(key, tensor) for every parameter and persistent buffer outside the replaced (4-bit) modules,
+    tied duplicates included."""
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        if any(module_name == r or module_name.startswith(r + ".") for r in replaced):
+            continue
+        prefix = f"{module_name}." if module_name else ""
+        for attr, param in module._parameters.items():
+            if param is not None:
+                yield prefix + attr, param
+        for attr, buffer in module._buffers.items():
+            if buffer is not None and attr not in module._non_persistent_buffers_set:
+                yield prefix + attr, buffer
+
+
+def target_param_is_meta(model, key: str) -> bool:
+    module_name, _, attr = key.rpartition(".")
+    tensor = getattr(model.get_submodule(module_name), attr, None)
+    return tensor is None or tensor.is_meta
+
+
+def set_tensor(model, key: str, tensor: torch.Tensor, *, keep_object: bool = False) -> None:
+    """Put `tensor` into the model at `key` (parameter or buffer), replacing the meta placeholder."""
+    module_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._parameters:
+        if keep_object and isinstance(tensor, nn.Parameter):
+            module._parameters[attr] = tensor
+        else:
+            old = module._parameters[attr]
+            module._parameters[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+    else:
+        module._buffers[attr] = tensor
+
+
+def cast(tensor: torch.Tensor, model_dtype: torch.dtype, device) -> torch.Tensor:
+    """Floating tensors take the skeleton's dtype (compute_dtype, or float32 where a model keeps it)."""
+    dtype = model_dtype if tensor.is_floating_point() else tensor.dtype
+    return tensor.to(device=device, dtype=dtype)
+
+
+def read_linear(ckpt, name, meta_layer, tied, spec, skip, compute_dtype, device):
+    """A Linear4bit for `name` (read from its bnb state or quantized from its weight), an nn.Linear when a
+    bnb layer must be dequantized, or None when the layer is loaded as a plain tensor later."""
+    wkey = f"{name}.weight"
+    bias = None
+    if f"{name}.bias" in ckpt:
+        bias = ckpt.get(f"{name}.bias").to(device=device, dtype=compute_dtype)
+    state_key = next(
+        (f"{wkey}.quant_state.{s}" for s in BNB_STATE_SUFFIXES if f"{wkey}.quant_state.{s}" in ckpt), None
+    )
+    if state_key is not None:
+        qweight = read_bnb_weight(ckpt, wkey, device)
+        if spec is None:
+            linear = nn.Linear(
+                meta_layer.in_features, meta_layer.out_features, bias=bias is not None, device="meta"
+            )
+            linear.weight = nn.Parameter(qweight.dequantize(compute_dtype))
+            if bias is not None:
+                linear.bias = nn.Parameter(bias)
+            return linear
+        from cura.nn.linear4bit import Linear4bit
+
+        return Linear4bit(qweight, bias=bias, compute_dtype=compute_dtype)
+    if spec is None or matches(name, skip):
+        return None
+    if wkey not in ckpt and wkey in tied and tied[wkey] in ckpt:
+        wkey = tied[wkey]  # a quantized lm_head tied to the embedding
+    if wkey not in ckpt:
+        return None  # reported as a missing tensor by the caller
+    from cura.nn.linear4bit import Linear4bit
+
+    weight = ckpt.get(wkey, scratch=True).to(device)  # dropped once quantized
+    return Linear4bit(quantize_weight(weight, spec), bias=bias, compute_dtype=compute_dtype)
+
+
+def quantize_weight(weight: torch.Tensor, spec: QuantSpec):
+    from cura.quant import quantize
+
+    return quantize(
+        weight, quant_type=spec.quant_type, blocksize=spec.blocksize, double_quant=spec.double_quant
+    )
+
+
+def read_bnb_weight(ckpt, wkey: str, device):
+    """A QuantizedTensor from the bitsandbytes keys of one weight (`W`, `W.absmax`, `W.quant_map`, ...)."""
+    from cura.quant import QuantizedTensor
+
+    state = {k: ckpt.get(k).to(device) for k in ckpt.keys() if k == wkey or k.startswith(wkey + ".")}
+    try:
+        return QuantizedTensor.from_bnb_state_dict(state, wkey)
+    except ValueError as e:
+        raise CuraError(f"checkpoint {ckpt.folder}: {e}") from e

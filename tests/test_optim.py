@@ -1,0 +1,263 @@
+"""PagedAdamW against torch.optim.AdamW (bit for bit on CPU), exact resume, the 8-bit state variant."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cura.errors import CuraError
+from cura.optim import PagedAdamW, state_bytes
+from cura.optim.state8bit import dequantize_blockwise, dynamic_map, quantize_blockwise
+
+SHAPES = [(7, 5), (300,), (3, 4, 5), (1,), (64, 16)]
+
+
+def _params(seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen).requires_grad_() for s in SHAPES]
+
+
+def _grads(step: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 + step)
+    return [torch.randn(s, generator=gen) for s in SHAPES]
+
+
+def _run(optimizer, params, steps: range) -> None:
+    for i in steps:
+        for p, g in zip(params, _grads(i), strict=True):
+            p.grad = g.clone()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_bit_identical_to_torch_adamw(weight_decay):
+    ours, ref = _params(), _params()
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-6, weight_decay=weight_decay)
+    _run(PagedAdamW(ours, **kw), ours, range(20))
+    _run(torch.optim.AdamW(ref, foreach=False, **kw), ref, range(20))
+    for a, b in zip(ours, ref, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_param_groups_and_skipped_grads_match_torch():
+    ours, ref = _params(), _params()
+    groups = lambda ps: [{"params": ps[:2], "weight_decay": 0.5}, {"params": ps[2:], "lr": 3e-3}]  # noqa: E731
+    opt, ref_opt = (
+        PagedAdamW(groups(ours), lr=1e-2),
+        torch.optim.AdamW(groups(ref), lr=1e-2, weight_decay=0.0, foreach=False),
+    )
+    for i in range(5):
+        for ps in (ours, ref):
+            for j, (p, g) in enumerate(zip(ps, _grads(i), strict=True)):
+                p.grad = None if (i + j) % 3 == 0 else g.clone()
+        opt.step()
+        ref_opt.step()
+    for a, b in zip(ours, ref, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_lr_schedule_applies():
+    ours, ref = _params(), _params()
+    opt, ref_opt = PagedAdamW(ours, lr=1e-2), torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.0, foreach=False)
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1 / (1 + s)) for o in (opt, ref_opt)]
+    for i in range(6):
+        _run(opt, ours, range(i, i + 1))
+        _run(ref_opt, ref, range(i, i + 1))
+        for s in scheds:
+            s.step()
+    assert all(torch.equal(a, b) for a, b in zip(ours, ref, strict=True))
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_state_dict_round_trip_resumes_identically(bits):
+    straight = _params()
+    opt = PagedAdamW(straight, lr=1e-2, weight_decay=0.1, optim_bits=bits)
+    _run(opt, straight, range(20))
+
+    first = _params()
+    opt1 = PagedAdamW(first, lr=1e-2, weight_decay=0.1, optim_bits=bits)
+    _run(opt1, first, range(10))
+    saved = copy.deepcopy(opt1.state_dict())
+    resumed = [p.detach().clone().requires_grad_() for p in first]
+    opt2 = PagedAdamW(resumed, lr=0.5, optim_bits=bits)  # hyperparameters come back from the state dict
+    opt2.load_state_dict(saved)
+    assert opt2.param_groups[0]["lr"] == 1e-2
+    if bits == 8:
+        assert opt2.state[resumed[0]]["exp_avg_codes"].dtype == torch.uint8
+    _run(opt2, resumed, range(10, 20))
+    for a, b in zip(straight, resumed, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_state_dict_survives_safetensors_and_json(tmp_path):
+    """Checkpoints store optimizer tensors with safetensors and everything else as JSON (no pickle)."""
+    ps = _params()
+    opt = PagedAdamW(ps, lr=1e-2, optim_bits=8)
+    _run(opt, ps, range(3))
+    sd = opt.state_dict()
+    tensors = {f"{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items()}
+    assert all(torch.is_tensor(v) for v in tensors.values())
+    save_file(tensors, str(tmp_path / "opt.safetensors"))
+    groups = json.loads(json.dumps(sd["param_groups"]))
+    state: dict[int, dict] = {}
+    for key, value in load_file(str(tmp_path / "opt.safetensors")).items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    fresh = PagedAdamW([p.detach().clone().requires_grad_() for p in ps], optim_bits=8)
+    fresh.load_state_dict({"state": state, "param_groups": groups})
+    for a, b in zip(opt.state.values(), fresh.state.values(), strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+
+
+def test_load_state_dict_rejects_other_shapes():
+    opt = PagedAdamW(_params(), lr=1e-2)
+    _run(opt, [p for g in opt.param_groups for p in g["params"]], range(1))
+    saved = opt.state_dict()
+    other = PagedAdamW([torch.zeros(2, 2, requires_grad=True) for _ in SHAPES])
+    with pytest.raises(CuraError, match="exp_avg"):
+        other.load_state_dict(saved)
+    with pytest.raises(CuraError, match="holds 5 parameters but this run trains 1"):
+        PagedAdamW([torch.zeros(2, requires_grad=True)]).load_state_dict(saved)
+
+
+def test_dynamic_maps_match_bitsandbytes():
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    for signed in (True, False):
+        assert torch.equal(dynamic_map(signed), bnbf.create_dynamic_map(signed=signed))
+
+
+def test_blockwise_8bit_round_trip_matches_bitsandbytes_codes():
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * torch.logspace(-4, 0, 1000)
+    code = dynamic_map(True)
+    codes, absmax = quantize_blockwise(x, code)
+    ref_codes, ref_state = bnbf.quantize_blockwise(x, code=code, blocksize=256)
+    assert torch.equal(absmax, ref_state.absmax)
+    # bitsandbytes' search picks a neighbour at near-ties; elsewhere the codes agree, and ours is the nearest
+    assert (codes != ref_codes).float().mean() < 0.01
+    scaled = x / absmax.repeat_interleave(256)[: x.numel()]
+    ours, theirs = (scaled - code[codes.long()]).abs(), (scaled - code[ref_codes.long()]).abs()
+    assert (ours <= theirs + 1e-6).all() and (theirs - ours)[codes != ref_codes].max() < 5e-5
+    back = dequantize_blockwise(codes, absmax, code)
+    torch.testing.assert_close(back, bnbf.dequantize_blockwise(codes, ref_state), rtol=0, atol=0)
+    # relative error within the top decade of each block: at most half a bin of 0.9/64 over 0.1
+    big = x.abs() > 0.1 * absmax.repeat_interleave(256)[: x.numel()]
+    assert ((back - x).abs()[big] / x.abs()[big]).max() < 0.08
+
+
+def test_unsigned_code_never_rounds_a_positive_second_moment_to_zero():
+    v = torch.tensor([1.0, 1e-12, 0.0, 3e-9])
+    codes, absmax = quantize_blockwise(v, dynamic_map(False))
+    back = dequantize_blockwise(codes, absmax, dynamic_map(False))
+    assert back[2] == 0 and (back[[0, 1, 3]] > 0).all()
+
+
+def _regression(optimizer_factory, steps=300):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 32, generator=gen)
+    w_true = torch.randn(32, 8, generator=gen)
+    y = x @ w_true + 0.01 * torch.randn(256, 8, generator=gen)
+    w = torch.zeros(32, 8, requires_grad=True)
+    b = torch.zeros(8, requires_grad=True)
+    opt = optimizer_factory([w, b])
+    losses = []
+    for _ in range(steps):
+        loss = torch.nn.functional.mse_loss(x @ w + b, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, w.detach()
+
+
+def test_8bit_state_within_tolerance_of_adamw():
+    """Stated tolerance: on this problem the 8-bit run's final loss is within 5% (relative, or 1e-4
+    absolute) of AdamW's and its weights within 2% of their norm."""
+    kw = dict(lr=1e-2, weight_decay=0.01)
+    ref_losses, ref_w = _regression(lambda ps: torch.optim.AdamW(ps, foreach=False, **kw))
+    losses, w = _regression(lambda ps: PagedAdamW(ps, optim_bits=8, **kw))
+    assert ref_losses[-1] < 0.05 * ref_losses[0]  # the problem is actually solved
+    assert abs(losses[-1] - ref_losses[-1]) <= max(0.05 * ref_losses[-1], 1e-4)
+    assert (w - ref_w).norm() <= 0.02 * ref_w.norm()
+
+
+def test_state_bytes_counts_8bit_as_a_quarter():
+    ps32, ps8 = [torch.zeros(4096, 64, requires_grad=True)], [torch.zeros(4096, 64, requires_grad=True)]
+    o32, o8 = PagedAdamW(ps32), PagedAdamW(ps8, optim_bits=8)
+    for o, ps in ((o32, ps32), (o8, ps8)):
+        ps[0].grad = torch.ones_like(ps[0])
+        o.step()
+    n = 4096 * 64
+    assert state_bytes(o32) == 2 * 4 * n + 4
+    assert state_bytes(o8) == 2 * (n + 4 * n // 256) + 4
+    assert state_bytes(o8) < 0.26 * state_bytes(o32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"lr": -1.0}, "lr"),
+        ({"betas": (0.9, 1.0)}, "betas"),
+        ({"optim_bits": 4}, "optim_bits"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"eps": -1e-8}, "eps"),
+    ],
+)
+def test_bad_hyperparameters_are_user_errors(kwargs, key):
+    with pytest.raises(CuraError, match=key):
+        PagedAdamW(_params(), **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="paging to a GPU needs CUDA")
+@pytest.mark.parametrize("bits", [32, 8])
+def test_cuda_paging_matches_cpu_and_keeps_state_on_host(bits):
+    cpu, gpu = _params(), [p.detach().cuda().requires_grad_() for p in _params()]
+    o_cpu, o_gpu = (
+        PagedAdamW(cpu, lr=1e-2, weight_decay=0.1, optim_bits=bits),
+        PagedAdamW(gpu, lr=1e-2, weight_decay=0.1, optim_bits=bits),
+    )
+    ref = [p.detach().cuda().requires_grad_() for p in _params()]
+    o_ref = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, foreach=False)
+    for i in range(20):
+        for ps in (cpu, gpu, ref):
+            for p, g in zip(ps, _grads(i), strict=True):
+                p.grad = g.to(p.device)
+        o_cpu.step(), o_gpu.step(), o_ref.step()
+    for state in o_gpu.state.values():
+        assert all(t.device.type == "cpu" and (t.dim() == 0 or t.is_pinned()) for t in state.values())
+    for a, b in zip(gpu, cpu, strict=True):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6)
+    if bits == 32:
+        for a, b in zip(gpu, ref, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_lora_training_trajectory_identical_to_torch_adamw():
+    """The real use: LoRA adapters on a tiny llama, 8 steps, both optimizers see the same gradients."""
+    from cura.adapters import LoraConfig, attach_lora
+    from tiny import tiny_model
+
+    tokens = torch.randint(3, 320, (4, 16), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for make in (
+        lambda ps: PagedAdamW(ps, lr=1e-2, weight_decay=0.01),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01, foreach=False),
+    ):
+        model = tiny_model("llama").train()
+        torch.manual_seed(0)
+        attach_lora(model, LoraConfig(r=4, alpha=8.0, dropout=0.0))
+        opt = make([p for p in model.parameters() if p.requires_grad])
+        losses = []
+        for _ in range(8):
+            loss = model(tokens, labels=tokens).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        runs.append(losses)
+    assert runs[0] == runs[1]
+    assert runs[0][-1] < runs[0][0] - 0.1
