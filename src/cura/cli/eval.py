@@ -1,0 +1,149 @@
+"""`cura eval`: loss and generation metrics of a model (with an adapter), or a before/after comparison."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a model (and adapter): loss, ROUGE, BLEU, chrF, exact match")
+    p.add_argument("--model", default="smollm2-135m", help="model folder, .gguf file or known name")
+    p.add_argument("--adapter", default=None, help="an adapter folder (cura or PEFT)")
+    p.add_argument(
+        "--adapter-b", default=None, help="with --compare: a second adapter to compare against --adapter"
+    )
+    p.add_argument("--data", required=True, help="data file (jsonl/json/csv) or a plain text file of prompts")
+    p.add_argument(
+        "--references", default=None, help="line-aligned text file of references for a text --data"
+    )
+    p.add_argument("--instruction", default=None, help="text put before each prompt of a text --data")
+    p.add_argument("--format", default="auto", help="data format (as for cura data; default: detected)")
+    p.add_argument(
+        "--field",
+        action="append",
+        default=[],
+        metavar="KEY=COLUMN",
+        help="column names, e.g. prompt=dialogue, reference=summary1,summary2,summary3 (several references)",
+    )
+    p.add_argument("--system", default=None, help="a system prompt for every row")
+    p.add_argument(
+        "--metrics", default=None, help="comma list of loss,rouge,bleu,chrf,exact_match (default: by data)"
+    )
+    p.add_argument(
+        "--extractor", default=None, help="answer extractor for exact match: gsm8k, choice, regex:PAT, none"
+    )
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--compare", action="store_true", help="base vs --adapter (or --adapter vs --adapter-b)")
+    p.add_argument("--output", default=None, help="report folder (default with --compare: eval-<timestamp>)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--no-quantize", action="store_true", help="load the base in full precision")
+    p.set_defaults(func=run)
+
+
+def _check_args(args) -> None:
+    from cura.errors import CuraError
+
+    if args.compare and not args.adapter:
+        raise CuraError("--compare needs --adapter (base vs adapter) or --adapter and --adapter-b")
+    if args.adapter_b and not args.compare:
+        raise CuraError("--adapter-b only makes sense with --compare; add --compare")
+    if args.limit is not None and args.limit < 1:
+        raise CuraError(f"--limit {args.limit} must be at least 1")
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        raise CuraError("--max-new-tokens and --batch-size must be at least 1")
+
+
+def _loss_samples(args, tokenizer, fields):
+    """Tokenized samples from the data pipeline (packing off) where it reads this file, else None."""
+    if args.references is not None or fields:
+        return None
+    try:
+        from cura.data import DataConfig, build_datasets
+    except ImportError:
+        return None
+    config = DataConfig(
+        path=args.data, eval_path=None, format=args.format, packing=False, system_prompt=args.system
+    )
+    train, _, _ = build_datasets(config, tokenizer)
+    return list(train)
+
+
+def _print_table(result_or_cmp) -> None:
+    from cura.evaluate.report import comparison_markdown, result_markdown
+    from cura.evaluate.run import Comparison
+
+    if isinstance(result_or_cmp, Comparison):
+        print(comparison_markdown(result_or_cmp, examples=0))
+    else:
+        print(result_markdown(result_or_cmp))
+
+
+def run(args) -> int:
+    from cura.evaluate import (
+        compare,
+        evaluate,
+        get_extractor,
+        parse_fields,
+        parse_metrics,
+        read_eval_rows,
+        use_adapter_template,
+        write_comparison,
+        write_result,
+    )
+
+    _check_args(args)
+    fields = parse_fields(args.field)
+    metrics = parse_metrics(args.metrics)
+    get_extractor(args.extractor)
+    rows = read_eval_rows(
+        args.data,
+        format=args.format,
+        fields=fields,
+        references=args.references,
+        system_prompt=args.system,
+        instruction=args.instruction,
+    )
+    quantize = False if args.no_quantize else None
+    kwargs = dict(
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        extractor=args.extractor,
+    )
+    settings = {"model": args.model, "adapter": args.adapter, "adapter_b": args.adapter_b, "data": args.data}
+    if args.compare:
+        from cura.generate import load_for_inference
+
+        if quantize is None:
+            from cura.adapters import read_adapter_metadata
+
+            quantize = (read_adapter_metadata(args.adapter) or {}).get("method", "qlora") != "lora"
+        model, tokenizer = load_for_inference(args.model, None, quantize=quantize)
+        for folder in (args.adapter, args.adapter_b):  # the template first, so loss samples use it too
+            if folder and use_adapter_template(tokenizer, folder):
+                break
+        kwargs["loss_samples"] = _loss_samples(args, tokenizer, fields)
+        outcome = compare(
+            model, tokenizer, rows, metrics, adapter=args.adapter, adapter_b=args.adapter_b, **kwargs
+        )
+        output = Path(args.output or f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
+        paths = write_comparison(outcome, output, extra={"settings": settings})
+    else:
+        from cura.generate import load_for_inference
+
+        model, tokenizer = load_for_inference(args.model, args.adapter, quantize=quantize)
+        kwargs["loss_samples"] = _loss_samples(args, tokenizer, fields)
+        outcome = evaluate(model, tokenizer, rows, metrics, label=args.adapter or args.model, **kwargs)
+        paths = write_result(outcome, Path(args.output), extra={"settings": settings}) if args.output else {}
+    if args.json:
+        print(json.dumps(outcome.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        _print_table(outcome)
+    for path in paths.values():
+        print(f"wrote {path}", file=sys.stderr)
+    return 0

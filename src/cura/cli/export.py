@@ -1,0 +1,39 @@
+"""`cura export gguf`: write a GGUF file (and an Ollama Modelfile) for llama.cpp / Ollama."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    from cura.export.gguf import OUT_TYPES, TOLERANCES
+
+    p = sub.add_parser("export", help="export a model (optionally with an adapter merged) to another format")
+    formats = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    g = formats.add_parser("gguf", help="a GGUF file for llama.cpp / Ollama, with a Modelfile beside it")
+    g.add_argument("--model", default="smollm2-135m", help="model folder, .gguf file or known name")
+    g.add_argument("--adapter", default=None, help="an adapter folder to merge in first")
+    g.add_argument("--output", required=True, help="the .gguf file to write")
+    g.add_argument("--type", dest="out_type", choices=OUT_TYPES, default="f16", help="tensor type")
+    g.add_argument("--no-check", action="store_true", help="skip reading the file back with transformers")
+    g.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="max |logit difference| allowed on read-back (default per type: "
+        + ", ".join(f"{k} {v:g}" for k, v in TOLERANCES.items())
+        + ")",
+    )
+    g.set_defaults(func=run_gguf)
+
+
+def run_gguf(args) -> int:
+    from cura.export import export_gguf
+
+    export_gguf(
+        args.model,
+        args.output,
+        adapter=args.adapter,
+        out_type=args.out_type,
+        check=not args.no_check,
+        tolerance=args.tolerance,
+    )
+    return 0

@@ -1,0 +1,43 @@
+"""`cura merge`: fold an adapter into its (dequantized NF4) base and save a plain transformers folder."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    from cura.export.merge import DEFAULT_DTYPE, DTYPES, TOLERANCES
+
+    p = sub.add_parser("merge", help="merge an adapter into its base model (transformers safetensors)")
+    p.add_argument("--model", default="smollm2-135m", help="the base model the adapter was trained on")
+    p.add_argument("--adapter", required=True, help="the adapter folder (cura or PEFT)")
+    p.add_argument("--output", required=True, help="the folder to write the merged model to")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=DEFAULT_DTYPE, help="weight dtype on disk")
+    p.add_argument(
+        "--quantize-4bit",
+        action="store_true",
+        help="re-quantize the merged model (bitsandbytes 4-bit layout)",
+    )
+    p.add_argument("--no-check", action="store_true", help="skip the logits parity check")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="max |logit difference| allowed (default per dtype: "
+        + ", ".join(f"{k} {v:g}" for k, v in TOLERANCES.items())
+        + ")",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from cura.export import merge
+
+    merge(
+        args.model,
+        args.adapter,
+        args.output,
+        dtype=args.dtype,
+        check=not args.no_check,
+        tolerance=args.tolerance,
+        quantize_4bit=args.quantize_4bit,
+    )
+    return 0

@@ -1,0 +1,346 @@
+"""Merge (vs PEFT's merge_and_unload on the same dequantized base), GGUF export (read back by transformers'
+GGUF loader), the Ollama Modelfile, and the chat-template check."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from cura.adapters import LoraConfig, attach_lora, lora_layers, save_adapter
+from cura.errors import CuraError
+from cura.export import (
+    check_template,
+    detect_style,
+    export_gguf,
+    merge,
+    modelfile_text,
+    permute_qk,
+    verify_merge,
+)
+from cura.export.template import STYLES
+from tiny import tiny_config
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% set system = none %}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set system = message['content'] %}"
+    "{% elif message['role'] == 'user' %}{% if loop.index0 == 1 and messages[0]['role'] == 'system' %}"
+    "{{ '[INST] ' + messages[0]['content'] + '\n\n' + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% endif %}"
+    "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi there"}],
+    [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3+3?"},
+    ],
+]
+
+
+def TRAINED_TEMPLATE(tokenizer):  # noqa: N802
+    return tokenizer.chat_template + "{# trained with cura #}"
+
+
+def save_base(folder, arch, tokenizer, seed=0):
+    config = tiny_config(arch)
+    config.vocab_size = len(tokenizer)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return model
+
+
+def save_random_adapter(model, folder, chat_template, seed=1, r=4):
+    """An adapter with non-zero B (so merging is not the identity), saved as training would save it."""
+    model = copy.deepcopy(model)
+    config = LoraConfig(r=r, alpha=8.0)
+    attach_lora(model, config)
+    torch.manual_seed(seed)
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
+    save_adapter(
+        model,
+        config,
+        folder,
+        base_model_name_or_path="tiny",
+        chat_template=chat_template,
+        extra={"method": "qlora", "quant_type": "nf4"},
+    )
+    return folder
+
+
+def make_run(root, arch, tokenizer):
+    """(base folder, adapter folder, plain base model) for a tiny model with the real SmolLM2 vocabulary."""
+    model = save_base(root / "base", arch, tokenizer)
+    # trained with a template that differs from the base tokenizer's: merge must ship the adapter's
+    adapter = save_random_adapter(model, root / "adapter", TRAINED_TEMPLATE(tokenizer))
+    return root / "base", adapter, model
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny_run(request, tmp_path_factory, smol_tokenizer):
+    return make_run(tmp_path_factory.mktemp(f"export-{request.param}"), request.param, smol_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory, smol_tokenizer):
+    return make_run(tmp_path_factory.mktemp("export-llama"), "llama", smol_tokenizer)
+
+
+def test_permute_qk_is_undone_by_transformers_gguf_loader():
+    """llama.cpp's q/k row permutation, reversed by transformers' own (independent) implementation."""
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    torch.manual_seed(0)
+    undo = LlamaTensorProcessor()._reverse_permute_weights
+    for n_head, n_kv in ((4, 4), (4, 2), (9, 3)):
+        w = torch.randn(n_kv * 16, 32)
+        permuted = permute_qk(w, n_head, n_kv)
+        assert not torch.equal(permuted, w)
+        assert np.array_equal(undo(permuted.numpy(), n_head, n_kv), w.numpy())
+    # row pair (2i, 2i+1) of a head holds HF rows (i, i + head_dim/2)
+    w = torch.arange(8.0).reshape(8, 1)
+    assert permute_qk(w, 1).flatten().tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+
+
+def test_merge_matches_peft_on_dequantized_base(tiny_run, tmp_path, smol_tokenizer):
+    from peft import PeftModel
+
+    from cura.models import load_model
+    from cura.nn.linear4bit import dequantize_model
+
+    base, adapter, plain = tiny_run
+    report = merge(base, adapter, tmp_path / "merged", log=lambda *_: None)
+    assert report.merged_modules == 14 and report.max_abs_logit_diff < 1e-4
+    assert len(report.warnings) == 1 and "different chat template" in report.warnings[0]
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+
+    # independent: PEFT merges the same adapter into the same dequantized NF4 base
+    deq = dequantize_model(load_model(base, quantize=True).model)
+    deq_state = {k: v.clone() for k, v in deq.state_dict().items()}
+    expected = PeftModel.from_pretrained(deq, str(adapter)).merge_and_unload().state_dict()
+    for key, value in merged.items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6, msg=key)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(merged[key], deq_state[key], atol=1e-3)  # the adapter did something
+
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["architectures"] == [type(plain).__name__] and "quantization_config" not in config
+    assert (tmp_path / "merged" / "generation_config.json").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    assert type(reloaded) is type(plain)
+    # merging into the original (not dequantized) weights would be a different model
+    assert not torch.allclose(deq_state[key], plain.state_dict()[key], atol=1e-4)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "merged"))
+    assert tok.chat_template == TRAINED_TEMPLATE(smol_tokenizer)
+
+
+def test_merge_dtype_and_cli(llama_run, tmp_path, capsys):
+    from cura.cli import merge as merge_cli
+
+    base, adapter, _ = llama_run
+    parser = argparse.ArgumentParser()
+    merge_cli.register(parser.add_subparsers())
+    args = parser.parse_args(
+        [
+            "merge",
+            "--model",
+            str(base),
+            "--adapter",
+            str(adapter),
+            "--output",
+            str(tmp_path / "m"),
+            "--dtype",
+            "bfloat16",
+        ]
+    )
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "max |logit diff|" in out and "perplexity" in out
+    weights = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert {v.dtype for v in weights.values()} == {torch.bfloat16}
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary folder left
+
+
+def test_merge_check_fails_loudly_on_a_corrupted_weight(llama_run, tmp_path):
+    base, adapter, _ = llama_run
+    out = merge(base, adapter, tmp_path / "merged", log=lambda *_: None).output
+    path = out / "model.safetensors"
+    weights = load_file(str(path))
+    weights["model.layers.1.mlp.down_proj.weight"][0, :] += 0.5
+    save_file(weights, str(path), metadata={"format": "pt"})
+    with pytest.raises(CuraError, match="differ from the adapter on its base"):
+        verify_merge(base, adapter, out, log=lambda *_: None)
+
+
+def test_merge_quantize_4bit_writes_a_bnb_folder(llama_run, tmp_path):
+    from cura.models import load_model, resolve_source
+
+    base, adapter, _ = llama_run
+    merge(base, adapter, tmp_path / "q", quantize_4bit=True, log=lambda *_: None)
+    assert resolve_source(tmp_path / "q")[0] == "bnb"
+    assert load_model(tmp_path / "q").model is not None
+
+
+@pytest.mark.parametrize("out_type", ["f32", "f16", "q8_0"])
+def test_gguf_round_trip_tiny_llama(out_type, tmp_path_factory, smol_tokenizer):
+    import gguf
+
+    root = tmp_path_factory.mktemp(f"gguf-{out_type}")
+    save_base(root / "base", "llama", smol_tokenizer)
+    report = export_gguf(root / "base", root / "out" / "tiny.gguf", out_type=out_type, log=lambda *_: None)
+    assert report.tokenizer_roundtrip
+    assert report.max_abs_logit_diff <= {"f32": 1e-5, "f16": 5e-3, "q8_0": 5e-2}[out_type]
+    reader = gguf.GGUFReader(str(report.output))
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.t")}
+    assert fields["general.architecture"] == "llama" and fields["llama.block_count"] == 2
+    assert fields["llama.embedding_length"] == 64 and fields["llama.attention.head_count_kv"] == 2
+    assert fields["llama.vocab_size"] == len(smol_tokenizer) and fields["tokenizer.ggml.model"] == "gpt2"
+    assert fields["tokenizer.chat_template"] == smol_tokenizer.chat_template
+    assert fields["tokenizer.ggml.pre"] == "smollm"  # as in the bundled GGUF llama.cpp wrote
+    assert fields["tokenizer.ggml.eot_token_id"] == smol_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    names = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert names["blk.0.attn_norm.weight"] == "F32"
+    assert names["blk.1.ffn_down.weight"] == {"f32": "F32", "f16": "F16", "q8_0": "Q8_0"}[out_type]
+    assert (root / "out" / "Modelfile").read_text().startswith("FROM ./tiny.gguf\n")
+
+
+def random_adapter_for(config, folder, chat_template, r=2, seed=1):
+    """A random non-zero adapter for a model config, built on the meta device (no weights loaded)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    lora = LoraConfig(r=r, alpha=2.0 * r)
+    attach_lora(model, lora)
+    torch.manual_seed(seed)
+    for layer in lora_layers(model).values():
+        for linear in (layer.lora_A, layer.lora_B):
+            linear.weight = torch.nn.Parameter(torch.randn(linear.weight.shape) * 0.02)
+    extra = {"method": "qlora", "quant_type": "nf4"}
+    return save_adapter(
+        model, lora, folder, base_model_name_or_path="smollm2-135m", chat_template=chat_template, extra=extra
+    )
+
+
+@pytest.mark.slow
+def test_bundled_model_with_adapter_to_gguf_f16(tmp_path, smol_tokenizer):
+    from cura.models import model_config
+
+    adapter = random_adapter_for(
+        model_config("smollm2-135m"), tmp_path / "adapter", smol_tokenizer.chat_template
+    )
+    report = export_gguf("smollm2-135m", tmp_path / "smol.gguf", adapter=adapter, log=print)
+    assert report.tokenizer_roundtrip and report.max_abs_logit_diff < report.tolerance
+    assert report.tensors == 272 and report.architecture == "llama"
+    assert "SmolLM" in (tmp_path / "Modelfile").read_text()
+
+
+def test_detect_style_and_modelfile_for_chatml(smol_tokenizer):
+    info = detect_style(smol_tokenizer, smol_tokenizer.chat_template)
+    assert info.style is STYLES["chatml"]
+    assert info.default_system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    text, warning = modelfile_text("m.gguf", smol_tokenizer, smol_tokenizer.chat_template)
+    assert warning is None
+    assert f'SYSTEM """{info.default_system}"""' in text
+    assert 'PARAMETER stop "<|im_end|>"' in text
+
+
+@pytest.mark.parametrize("name,template", [("llama3", LLAMA3_TEMPLATE), ("mistral", MISTRAL_TEMPLATE)])
+def test_styles_render_like_their_jinja_templates(name, template, smol_tokenizer):
+    tok = copy.deepcopy(smol_tokenizer)
+    tok.bos_token, tok.eos_token = STYLES[name].bos, STYLES[name].assistant_suffix or tok.eos_token
+    info = detect_style(tok, template)
+    assert info.style is STYLES[name] and info.default_system is None
+    for convo in CONVERSATIONS:
+        jinja = tok.apply_chat_template(
+            convo, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+        assert info.style.render(convo) == jinja
+    text, warning = modelfile_text("m.gguf", tok, template)
+    go = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    style = info.style
+    assert style.user_prefix + ("{{ if $system }}" if style.system_in_user else "{{ .Content }}") in go
+    assert style.assistant_prefix + "{{ .Content }}" + style.assistant_suffix in go
+    assert go.endswith(style.assistant_prefix) and style.bos not in go  # llama.cpp adds BOS itself
+    for stop in style.stops:
+        assert f'PARAMETER stop "{stop}"' in text
+
+
+def test_unknown_template_says_to_write_it_by_hand(smol_tokenizer):
+    template = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}### assistant:"
+    text, warning = modelfile_text("m.gguf", smol_tokenizer, template)
+    assert 'TEMPLATE """' not in text and "write one by hand" in warning
+
+
+def test_check_template(tmp_path, smol_tokenizer):
+    model = AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
+    trained = save_random_adapter(model, tmp_path / "a", smol_tokenizer.chat_template)
+    assert check_template(trained, smol_tokenizer) is None
+    other = copy.deepcopy(smol_tokenizer)
+    other.chat_template = LLAMA3_TEMPLATE
+    warning = check_template(trained, other)
+    assert "different chat template" in warning and "cura_adapter.json" in warning
+    untemplated = save_random_adapter(model, tmp_path / "b", None)
+    assert check_template(untemplated, other) is None
+
+
+def test_gguf_tensor_names_per_architecture():
+    """llama.cpp's names; q/k permuted for llama and mistral (written as llama), not for qwen2 (NEOX rope).
+    (Read-back of qwen2 and mistral files is the same code path as the llama round trip above.)"""
+    from cura.export.gguf import gguf_architecture, gguf_tensors
+
+    for arch, expected in (
+        ("llama", ("llama", True)),
+        ("mistral", ("llama", True)),
+        ("qwen2", ("qwen2", False)),
+    ):
+        model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+        assert gguf_architecture(model.config) == expected
+        tensors = dict(gguf_tensors(model, *expected))
+        q = model.state_dict()["model.layers.1.self_attn.q_proj.weight"]
+        k = model.state_dict()["model.layers.1.self_attn.k_proj.weight"]
+        if expected[1]:
+            assert np.array_equal(tensors["blk.1.attn_q.weight"], permute_qk(q, 4, 4).numpy())
+            assert np.array_equal(tensors["blk.1.attn_k.weight"], permute_qk(k, 4, 2).numpy())
+        else:
+            assert np.array_equal(tensors["blk.1.attn_q.weight"], q.numpy())
+            assert "blk.1.attn_q.bias" in tensors and "output.weight" not in tensors  # tied embeddings
+        assert {
+            "token_embd.weight",
+            "output_norm.weight",
+            "blk.0.ffn_gate.weight",
+            "blk.0.attn_output.weight",
+        } <= set(tensors)
+    with pytest.raises(CuraError, match="exports GGUF for"):
+        gguf_architecture(tiny_config("phi3"))
+
+
+def test_export_cli_parses_and_refuses_a_bad_output_name(tmp_path):
+    from cura.cli import export as export_cli
+
+    parser = argparse.ArgumentParser()
+    export_cli.register(parser.add_subparsers())
+    args = parser.parse_args(
+        ["export", "gguf", "--model", str(tmp_path), "--output", str(tmp_path / "m.bin")]
+    )
+    assert (args.out_type, args.adapter, args.no_check) == ("f16", None, False)
+    with pytest.raises(CuraError, match=r"must end in \.gguf"):
+        args.func(args)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["export", "gguf", "--output", "m.gguf", "--type", "q4_0"])
