@@ -88,11 +88,11 @@ def run_peft(quantized: bool, folder: str, steps: int):
 
 def run_cura(quantized: bool, folder: str, steps: int):
     import torch
+    from torch.optim.lr_scheduler import LambdaLR
+
     from cura.adapters import LoraConfig, attach_lora
     from cura.models import load_model
     from cura.optim import PagedAdamW
-    from torch.optim.lr_scheduler import LambdaLR
-
     from cura.train import TrainConfig
     from cura.train.loop import optimizer_step
 

@@ -195,7 +195,8 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_source, tiny_data, 
     assert rows[1]["skipped"] is True and rows[1]["loss"] is None
     assert all(math.isfinite(r["loss"]) for i, r in enumerate(rows) if i != 1)
 
-    poisoned.update(range(3, 100))
+    poisoned.clear()
+    poisoned.update(range(3, 100))  # steps 1-2 good (checkpoint at 2), then bad from step 3 on
     current["step"] = 1
     out2 = tmp_path / "nan-stop"
     with pytest.raises(CuraError, match="non-finite steps in a row"):
