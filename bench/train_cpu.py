@@ -95,10 +95,11 @@ def run_cura(quantized: bool, folder: str, steps: int):
     from cura.optim import PagedAdamW
     from cura.train import TrainConfig
     from cura.train.loop import optimizer_step
+    from cura.train.steps import enable_activation_checkpointing
 
     model = load_model(folder, quantize=quantized).model
     attach_lora(model, LoraConfig(r=RANK, alpha=ALPHA, dropout=0.05))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     model.config.use_cache = False
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -156,8 +157,9 @@ def main() -> None:
         return
 
     from cura.models import resolve_source
+    from cura.models.loading import hf_folder
 
-    _, folder = resolve_source("smollm2-135m")  # the cached transformers folder of the bundled model
+    folder = hf_folder(*resolve_source("smollm2-135m"))  # the cached transformers folder of the bundled model
     results = {}
     for mode in args.modes.split(","):
         env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false")

@@ -142,10 +142,19 @@ def test_dropout_only_in_training():
     assert not torch.equal(layer(x), layer(x))
 
 
-def test_lora_weights_follow_the_base_dtype():
-    layer = LoRALinear(nn.Linear(8, 8, dtype=torch.bfloat16), r=2, alpha=4)
-    assert layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == torch.bfloat16
-    assert layer(torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+def test_lora_weights_are_float32_masters_computed_in_the_base_dtype():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(8, 8, dtype=torch.bfloat16), r=2, alpha=4, dropout=0.0)
+    assert layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == torch.float32
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(2, 8, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    a, b = layer.lora_A.weight.bfloat16(), layer.lora_B.weight.bfloat16()  # the update in bf16, like autocast
+    torch.testing.assert_close(y, layer.base_layer(x) + (x @ a.t()) @ b.t() * 2.0, rtol=0, atol=0)
+    y.float().sum().backward()
+    assert layer.lora_A.weight.grad.dtype == layer.lora_B.weight.grad.dtype == torch.float32
 
 
 def test_lora_on_a_4bit_base():

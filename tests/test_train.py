@@ -71,6 +71,7 @@ def make_config(source, data, out, **overrides) -> TrainConfig:
         save_every=2,
         progress=False,
         seed=3,
+        compute_dtype="float32",  # the same numbers on every CPU ("auto" picks bf16 where it is native)
     )
     settings.update(overrides)
     return TrainConfig(**settings)
@@ -133,7 +134,13 @@ def test_run_writes_adapter_metrics_summary_plot(tiny_source, tiny_data, tmp_pat
         "total_parameters",
     ):
         assert summary[key] is not None, key
-    assert summary["trainable_parameters"] < summary["total_parameters"]
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):  # the base's own count: the frozen 4-bit weights are buffers, not parameters
+        base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_source))
+    lora = 4 * sum(m.in_features + m.out_features for n, m in base.named_modules() if n.endswith("_proj"))
+    assert summary["trainable_parameters"] == lora
+    assert summary["total_parameters"] == sum(p.numel() for p in base.parameters()) + lora
     # a real decrease on data the model can fit: the tiny model learns the fixed answer format
     assert summary["train_loss_last"] < summary["train_loss_first"]
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
@@ -206,6 +213,18 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_source, tiny_data, 
         )
     # the last good checkpoint (step 2) is kept, none was written from a bad state
     assert latest_checkpoint(out2 / "checkpoints").name == "step-000002"
+
+
+def test_bfloat16_compute_keeps_float32_adapter_weights(tiny_source, tiny_data, tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "bf16"
+    result = train(make_config(tiny_source, tiny_data, out, max_steps=4, compute_dtype="bfloat16"))
+    assert result["compute_dtype"] == "bfloat16" and result["completed"]
+    assert result["train_loss_last"] < result["train_loss_first"]
+    assert result.model.get_input_embeddings().weight.dtype == torch.bfloat16
+    with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
 
 
 def test_existing_output_is_never_overwritten(tiny_source, tiny_data, tmp_path):

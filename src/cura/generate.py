@@ -22,12 +22,13 @@ def load_for_inference(
     adapter: str | Path | None = None,
     *,
     quantize: bool | None = None,
-    compute_dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype | str = "auto",
     warn=lambda msg: print(f"warning: {msg}", file=sys.stderr),
 ):
     """(model, tokenizer) in eval mode: the base (4-bit unless the adapter was trained on a full-precision
     base or `quantize=False`) with the adapter loaded and its training chat template in the tokenizer."""
     from cura.adapters import load_adapter, read_adapter_metadata
+    from cura.hardware import default_device, resolve_compute_dtype
     from cura.models import load_model
 
     meta: dict[str, Any] = {}
@@ -35,8 +36,9 @@ def load_for_inference(
         meta = read_adapter_metadata(adapter) or {}
     if quantize is None:
         quantize = meta.get("method", "qlora") != "lora"
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    loaded = load_model(model_source, quantize=quantize, compute_dtype=compute_dtype, device=device)
+    device = default_device()
+    dtype = resolve_compute_dtype(compute_dtype, device)
+    loaded = load_model(model_source, quantize=quantize, compute_dtype=dtype, device=str(device))
     model, tokenizer = loaded.model, loaded.tokenizer
     if adapter is not None:
         load_adapter(model, adapter, trainable=False)

@@ -11,6 +11,11 @@ B starts at zero, so a fresh adapter leaves the base model's outputs unchanged. 
 same order as PEFT's `lora.Linear` (`base + lora_B(lora_A(dropout(x))) * scale`), so the two agree bit for
 bit. `lora_A` and `lora_B` are plain `nn.Linear(bias=False)`: state-dict keys end in `lora_A.weight` and
 `lora_B.weight`, as in the PEFT format.
+
+Precision: A and B are float32 master weights whatever the base computes in; the update is computed in the
+base's output dtype (weights cast on the fly, as torch autocast does), so a bfloat16 base runs its LoRA
+matmuls in bfloat16 while the optimizer updates float32 weights (an update of lr * 1 on a weight of ~0.04
+survives in float32; in bfloat16 it would round away once lr falls below ~2e-4).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -26,15 +32,9 @@ def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def _compute_dtype_and_device(base: nn.Module) -> tuple[torch.dtype, torch.device]:
-    """The LoRA weights follow the base layer's compute dtype (float32 when it stores no float weight)."""
-    dtype = getattr(base, "compute_dtype", None)
+def _device_of(base: nn.Module) -> torch.device:
     tensors = [t for t in (*base.parameters(recurse=False), *base.buffers(recurse=False))]
-    device = tensors[0].device if tensors else torch.device("cpu")
-    if dtype is None:
-        floats = [t.dtype for t in tensors if t.is_floating_point()]
-        dtype = floats[0] if floats else torch.float32
-    return dtype, device
+    return tensors[0].device if tensors else torch.device("cpu")
 
 
 class LoRALinear(nn.Module):
@@ -50,9 +50,9 @@ class LoRALinear(nn.Module):
         self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
         self.scaling = lora_scale(r, alpha, use_rslora)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        dtype, device = _compute_dtype_and_device(base_layer)
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, dtype=dtype, device=device)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, dtype=dtype, device=device)
+        device = _device_of(base_layer)
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, dtype=torch.float32, device=device)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, dtype=torch.float32, device=device)
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -66,9 +66,10 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        lora_in = self.lora_dropout(x.to(self.lora_A.weight.dtype))
-        update = self.lora_B(self.lora_A(lora_in)) * self.scaling
-        return result + update.to(result.dtype)
+        dtype = result.dtype  # the base's compute dtype
+        a, b = self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype)
+        update = F.linear(F.linear(self.lora_dropout(x.to(dtype)), a), b) * self.scaling
+        return result + update
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, rslora={self.use_rslora}"

@@ -18,7 +18,7 @@ from cura.errors import CuraError
 Method = Literal["qlora", "lora"]
 Optimizer = Literal["paged_adamw", "paged_adamw_8bit", "adamw"]
 Schedule = Literal["cosine", "constant", "linear"]
-DType = Literal["float32", "bfloat16", "float16"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 @dataclass
@@ -31,7 +31,7 @@ class TrainConfig:
     quant_type: Literal["nf4", "fp4"] = "nf4"
     blocksize: int = 64
     double_quant: bool = True
-    compute_dtype: DType = "float32"
+    compute_dtype: DType = "auto"  # auto: bfloat16 where the hardware has it natively (cura.hardware)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: Optimizer = "paged_adamw"

@@ -28,7 +28,9 @@ from cura.adapters import attach_lora, load_adapter, save_adapter
 from cura.config import to_dict
 from cura.data import batches, build_datasets, effective_chat_template
 from cura.errors import CuraError
+from cura.hardware import default_device, resolve_compute_dtype
 from cura.models import load_model, load_tokenizer
+from cura.nn import Linear4bit
 from cura.optim import PagedAdamW
 from cura.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
 from cura.train.config import TrainConfig
@@ -37,6 +39,7 @@ from cura.train.steps import (
     count_input_tokens,
     count_trained_tokens,
     current_memory_bytes,
+    enable_activation_checkpointing,
     graceful_stop,
     loss_sum,
     lr_lambda,
@@ -79,10 +82,6 @@ def _prepare_output(out: Path, config: TrainConfig) -> None:
         )
 
 
-def _device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def _make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     betas = (config.adam_beta1, config.adam_beta2)
     if config.optimizer == "adamw":
@@ -97,9 +96,8 @@ def _count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     for module in model.modules():  # frozen 4-bit weights are buffers, not parameters
-        quantized = getattr(module, "quantized_weight_numel", None)
-        if quantized is not None:
-            total += int(quantized() if callable(quantized) else quantized)
+        if isinstance(module, Linear4bit):
+            total += module.in_features * module.out_features
     return trainable, total
 
 
@@ -196,8 +194,8 @@ def train(config: TrainConfig, *, hooks: TrainHooks | None = None, say: Say = _s
     _prepare_output(out, config)
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = _device()
-    compute_dtype = getattr(torch, config.compute_dtype)
+    device = default_device()
+    compute_dtype = resolve_compute_dtype(config.compute_dtype, device)
 
     # 1. data first: a bad row stops the run before a model is loaded or a file is written
     tokenizer = load_tokenizer(config.model)
@@ -220,12 +218,13 @@ def train(config: TrainConfig, *, hooks: TrainHooks | None = None, say: Say = _s
     targets = attach_lora(model, config.lora)
     model.to(device)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.config.use_cache = False
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable, n_total = _count_parameters(model)
     say(
-        f"model {config.model} ({loaded.kind}, {config.method}, {n_total / 1e6:.1f}M parameters); LoRA r={config.lora.r} "
+        f"model {config.model} ({loaded.kind}, {config.method}, {n_total / 1e6:.1f}M parameters, "
+        f"{str(compute_dtype).removeprefix('torch.')} compute on {device.type}); LoRA r={config.lora.r} "
         f"on {len(targets)} linear layers: {n_trainable:,} trainable parameters "
         f"({100 * n_trainable / max(n_total, 1):.2f}%)"
     )
@@ -400,6 +399,7 @@ def train(config: TrainConfig, *, hooks: TrainHooks | None = None, say: Say = _s
         "train_samples": len(train_set),
         "eval_samples": len(eval_set) if eval_set is not None else 0,
         "device": str(device),
+        "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "adapter_dir": str(adapter_dir),
         "checkpoint": str(last_ckpt) if last_ckpt else None,
     }

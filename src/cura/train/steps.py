@@ -30,6 +30,19 @@ def _chunk_loss_sum(
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer in backward, keeping only its input (non-reentrant checkpointing).
+
+    transformers renamed `gradient_checkpointing_enable` to `activation_checkpointing_enable` during 5.x;
+    either is the same mechanism.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def loss_sum(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int
 ) -> tuple[torch.Tensor, int]:
