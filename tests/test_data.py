@@ -244,5 +244,7 @@ def test_split_fraction_and_count_seeded():
     assert split_rows(rows, 0.1, seed=1)[1] != held
     assert len(split_rows(rows, 7, seed=0)[1]) == 7
     assert split_rows(rows, 0, seed=0) == (rows, [])
+    assert split_rows(rows[:9], 0.05, seed=0) == (rows[:9], [])  # too few rows to spare one
+    assert len(split_rows(rows[:30], 0.05, seed=0)[1]) == 2
     with pytest.raises(CuraError, match="leaving none"):
         split_rows(rows, 100, seed=0)

@@ -3,7 +3,6 @@ transformers, batched vs unbatched greedy generation, the `cura eval` command en
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
@@ -190,25 +189,9 @@ def test_read_rows_messages_split_at_final_assistant_turn(tmp_path):
 
 
 def cli(argv: list[str]) -> int:
-    """`cura <argv>` through cura.cli.main; while another subcommand cannot be imported yet (its
-    dependencies are still being written), through a parser holding only `eval`, with main's error rule."""
-    import argparse
-    import sys
+    """`cura <argv>` in this process, through the CLI's own entry point."""
+    from cura.cli import main
 
-    from cura.cli import build_parser, main
-    from cura.cli import eval as eval_cli
-
-    try:
-        build_parser()
-    except ImportError:
-        parser = argparse.ArgumentParser(prog="cura")
-        eval_cli.register(parser.add_subparsers(dest="command"))
-        args = parser.parse_args(argv)
-        try:
-            return int(args.func(args) or 0)
-        except CuraError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
     return main(argv)
 
 
@@ -407,8 +390,7 @@ def one_thread():
 def test_bundled_model_on_real_benchmarks(shared_data, smollm2_gguf, one_thread):
     from cura.models import load_model
 
-    quantize = importlib.util.find_spec("cura.nn.linear4bit") is not None  # 4-bit once it exists
-    loaded = load_model("smollm2-135m", quantize=quantize)
+    loaded = load_model("smollm2-135m", quantize=True)
     model, tok = loaded.model, loaded.tokenizer
     kw = dict(limit=3, batch_size=3, progress=False)
 

@@ -11,7 +11,9 @@ from torch import nn
 
 from bnb_ref import float_path
 from cura.adapters import LoraConfig, adapter_state_dict, attach_lora, lora_layers
+from cura.nn.linear4bit import Linear4bit, dequantize_model, quantize_model
 from cura.nn.lora import LoRALinear
+from cura.quant import quantize
 from tiny import tiny_model
 
 
@@ -158,13 +160,9 @@ def test_lora_weights_are_float32_masters_computed_in_the_base_dtype():
 
 
 def test_lora_on_a_4bit_base():
-    linear4bit = pytest.importorskip(
-        "cura.nn.linear4bit", reason="cura.nn.linear4bit (Linear4bit) is not written yet"
-    )
-    quant = pytest.importorskip("cura.quant", reason="cura.quant is not written yet")
     torch.manual_seed(0)
     dense = nn.Linear(128, 64, bias=True)
-    base = linear4bit.Linear4bit(quant.quantize(dense.weight.detach()), bias=dense.bias.detach())
+    base = Linear4bit(quantize(dense.weight.detach()), bias=dense.bias.detach())
     layer = LoRALinear(base, r=4, alpha=8.0, dropout=0.0)
     assert [n for n, p in layer.named_parameters() if p.requires_grad][-2:] == [
         "lora_A.weight",
@@ -225,16 +223,15 @@ def test_lora_on_bitsandbytes_4bit_base_matches_peft():
 
 def test_qlora_model_matches_peft_on_the_dequantized_base():
     """cura's own QLoRA stack (quantize_model + attach_lora) against PEFT on the same weights, dequantized."""
-    linear4bit = pytest.importorskip("cura.nn.linear4bit", reason="cura.nn.linear4bit is not written yet")
     model = tiny_model("mistral")
-    linear4bit.quantize_model(model)
+    quantize_model(model)
     targets = attach_lora(model, LoraConfig(r=4, alpha=8.0, dropout=0.0))
-    assert all(isinstance(m.base_layer, linear4bit.Linear4bit) for m in lora_layers(model).values())
+    assert all(isinstance(m.base_layer, Linear4bit) for m in lora_layers(model).values())
     assert len(targets) == 14
     _randomize_lora(model)
     twin_base = tiny_model("mistral")
-    linear4bit.quantize_model(twin_base)
-    linear4bit.dequantize_model(twin_base)
+    quantize_model(twin_base)
+    dequantize_model(twin_base)
     twin = peft.get_peft_model(twin_base, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     peft.set_peft_model_state_dict(twin, adapter_state_dict(model))
     with torch.no_grad():

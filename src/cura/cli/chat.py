@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 import threading
 
+from cura.hardware import COMPUTE_DTYPES
+
 HELP = "commands: /reset clears the conversation, /exit (or Ctrl-D) quits"
 
 
@@ -17,6 +19,9 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--no-quantize", action="store_true", help="load the base in full precision")
+    p.add_argument(
+        "--dtype", default="auto", choices=COMPUTE_DTYPES, help="compute dtype (auto: bf16 if native)"
+    )
     p.set_defaults(func=run)
 
 
@@ -26,7 +31,7 @@ def run(args) -> int:
     from cura.generate import load_for_inference
 
     model, tokenizer = load_for_inference(
-        args.model, args.adapter, quantize=False if args.no_quantize else None
+        args.model, args.adapter, quantize=False if args.no_quantize else None, compute_dtype=args.dtype
     )
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []

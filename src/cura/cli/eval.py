@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from cura.hardware import COMPUTE_DTYPES
+
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a model (and adapter): loss, ROUGE, BLEU, chrF, exact match")
@@ -42,6 +44,9 @@ def register(sub) -> None:
     p.add_argument("--output", default=None, help="report folder (default with --compare: eval-<timestamp>)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--no-quantize", action="store_true", help="load the base in full precision")
+    p.add_argument(
+        "--dtype", default="auto", choices=COMPUTE_DTYPES, help="compute dtype (auto: bf16 if native)"
+    )
     p.set_defaults(func=run)
 
 
@@ -62,12 +67,10 @@ def _loss_samples(args, tokenizer, fields):
     """Tokenized samples from the data pipeline (packing off) where it reads this file, else None."""
     if args.references is not None or fields:
         return None
-    try:
-        from cura.data import DataConfig, build_datasets
-    except ImportError:
-        return None
+    from cura.data import DataConfig, build_datasets
+
     config = DataConfig(
-        path=args.data, eval_path=None, format=args.format, packing=False, system_prompt=args.system
+        path=args.data, format=args.format, packing=False, system_prompt=args.system, eval_split=0
     )
     train, _, _ = build_datasets(config, tokenizer)
     return list(train)
@@ -123,7 +126,7 @@ def run(args) -> int:
             from cura.adapters import read_adapter_metadata
 
             quantize = (read_adapter_metadata(args.adapter) or {}).get("method", "qlora") != "lora"
-        model, tokenizer = load_for_inference(args.model, None, quantize=quantize)
+        model, tokenizer = load_for_inference(args.model, None, quantize=quantize, compute_dtype=args.dtype)
         for folder in (args.adapter, args.adapter_b):  # the template first, so loss samples use it too
             if folder and use_adapter_template(tokenizer, folder):
                 break
@@ -136,7 +139,9 @@ def run(args) -> int:
     else:
         from cura.generate import load_for_inference
 
-        model, tokenizer = load_for_inference(args.model, args.adapter, quantize=quantize)
+        model, tokenizer = load_for_inference(
+            args.model, args.adapter, quantize=quantize, compute_dtype=args.dtype
+        )
         kwargs["loss_samples"] = _loss_samples(args, tokenizer, fields)
         outcome = evaluate(model, tokenizer, rows, metrics, label=args.adapter or args.model, **kwargs)
         paths = write_result(outcome, Path(args.output), extra={"settings": settings}) if args.output else {}

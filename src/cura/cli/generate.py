@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from cura.hardware import COMPUTE_DTYPES
+
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="complete a prompt with a model (and optionally an adapter)")
@@ -14,6 +16,9 @@ def register(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--no-quantize", action="store_true", help="load the base in full precision")
+    p.add_argument(
+        "--dtype", default="auto", choices=COMPUTE_DTYPES, help="compute dtype (auto: bf16 if native)"
+    )
     p.set_defaults(func=run)
 
 
@@ -23,7 +28,7 @@ def run(args) -> int:
     from cura.generate import generate, load_for_inference
 
     model, tokenizer = load_for_inference(
-        args.model, args.adapter, quantize=False if args.no_quantize else None
+        args.model, args.adapter, quantize=False if args.no_quantize else None, compute_dtype=args.dtype
     )
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}

@@ -122,10 +122,13 @@ class DataReport:
 
 
 def split_rows(rows: list[dict], eval_split: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out a seeded random subset: a fraction (0 < x < 1) or a count (>= 1) of the rows."""
+    """Hold out a seeded random subset: a fraction (0 < x < 1, rounded; none for a file too small to spare
+    a row) or a count (>= 1) of the rows."""
     if eval_split <= 0:
         return rows, []
-    count = int(eval_split) if eval_split >= 1 else max(1, round(len(rows) * eval_split))
+    count = int(eval_split) if eval_split >= 1 else round(len(rows) * eval_split)
+    if count == 0:
+        return rows, []
     if count >= len(rows):
         raise CuraError(
             f"data.eval_split {eval_split} holds out {count} of {len(rows)} rows, leaving none to train on; "

@@ -162,12 +162,10 @@ def _chat_messages(record: Mapping[str, Any]) -> Messages | None:
     return None
 
 
-def _rows_via_data_pipeline(path: Path, format: str, fields: Mapping[str, str]) -> list[EvalRow] | None:
-    """Rows normalized by cura.data (prompt/reference split there), or None when it is not available."""
-    try:
-        from cura.data import read_rows, split_prompt_reference
-    except ImportError:
-        return None
+def _rows_via_data_pipeline(path: Path, format: str, fields: Mapping[str, str]) -> list[EvalRow]:
+    """Rows normalized by cura.data (prompt/reference split there)."""
+    from cura.data import read_rows, split_prompt_reference
+
     rows = []
     for row in read_rows(path, format=format, fields=dict(fields) or None):
         messages = row["messages"] if isinstance(row, Mapping) else row
@@ -200,9 +198,7 @@ def read_eval_rows(
         return read_text_pairs(path, references, system_prompt=system_prompt, instruction=instruction)
     explicit = "prompt" in fields or "reference" in fields
     if not explicit:
-        rows = _rows_via_data_pipeline(path, format, fields)
-        if rows is not None:
-            return _with_system(rows, system_prompt)
+        return _with_system(_rows_via_data_pipeline(path, format, fields), system_prompt)
     records = read_records(path)
     rows = []
     for lineno, record in records:
