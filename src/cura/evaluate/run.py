@@ -209,11 +209,17 @@ def compare(
     if adapter_b is None:
         before = evaluate(model, tokenizer, rows, metrics, label="base", **kwargs)
         load_adapter(model, adapter, trainable=False)
-        after = evaluate(model, tokenizer, rows, metrics, label=f"adapter {Path(adapter).name}", **kwargs)
+        after = evaluate(model, tokenizer, rows, metrics, label=f"adapter {_short(adapter)}", **kwargs)
     else:
         load_adapter(model, adapter, trainable=False)
-        before = evaluate(model, tokenizer, rows, metrics, label=f"A: {Path(adapter).name}", **kwargs)
+        before = evaluate(model, tokenizer, rows, metrics, label=f"A: {_short(adapter)}", **kwargs)
         unwrap_lora(model)
         load_adapter(model, adapter_b, trainable=False)
-        after = evaluate(model, tokenizer, rows, metrics, label=f"B: {Path(adapter_b).name}", **kwargs)
+        after = evaluate(model, tokenizer, rows, metrics, label=f"B: {_short(adapter_b)}", **kwargs)
     return Comparison(before, after)
+
+
+def _short(adapter: str | Path) -> str:
+    """An adapter folder's name for labels; a run's `.../<run>/adapter` is named by its run."""
+    path = Path(adapter)
+    return f"{path.parent.name}/{path.name}" if path.name == "adapter" and path.parent.name else path.name
