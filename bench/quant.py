@@ -1,13 +1,20 @@
 """Benchmark the 4-bit format: storage bits per parameter and CPU throughput of cura vs bitsandbytes.
 
-    python bench/quant.py [--size 4096] [--repeats 7]
+    flock /tmp/cura-bench.lock python bench/quant.py [--size 4096] [--repeats 7]
 
-Both libraries run on the same 4096 x 4096 float32 tensor in the same process, interleaved, and the medians
-are compared as ratios (the machine may be shared, so absolute numbers are noisy). A fresh 64 MiB output
-costs page faults on first touch; "cura_into_reused_buffer" (``q.dequantize(out=buffer)``) shows the
-decoding cost without them. Throughput is GB/s of
-float32 data (the input of quantize, the output of dequantize); the memory copy reference is
-``torch.empty_like(x).copy_(x)`` counted as read + write. Writes ``bench/results/quant.json``.
+Everything runs on the same 4096 x 4096 float32 tensor in the same process, interleaved round-robin, and
+the medians are compared as ratios (the machine may be shared, so absolute numbers are noisy):
+
+- ``cura``: the public functions, i.e. the compiled CPU kernels (`cura.quant.kernels`);
+- ``cura_reference``: the same functions on the PyTorch reference (`quantize_with(None, ...)`);
+- ``bitsandbytes``: its CPU backend (a native AVX-512 kernel on this machine);
+- ``memory_copy`` / ``memory_write``: ``dst.copy_(src)`` and ``dst.fill_(1)`` on 64 MiB, the bandwidth
+  ceiling a dequantization (which reads 0.5 + 1/64 bytes and writes 4 bytes per element) runs into.
+
+A fresh 64 MiB output costs page faults on first touch (the kernel zeroes every page); ``*_into_reused_buffer``
+(``q.dequantize(out=buffer)``) shows the decoding cost without them, ``memory_*_fresh`` the same cost for a
+plain copy. Throughput is GB/s of float32 data (the input of quantize, the output of dequantize; bf16
+output is counted as the float32 it stands for). Writes ``bench/results/quant.json``.
 """
 
 import argparse
@@ -21,19 +28,12 @@ from pathlib import Path
 import bitsandbytes.functional as bnbf
 import torch
 
-from cura.quant import quantize
+from cura.quant import kernels, quantize
+from cura.quant.tensor import dequantize_with, quantize_with
 
 RESULTS = Path(__file__).parent / "results" / "quant.json"
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up (caches, lazy tables)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+SMOLLM2_MLP = (1536, 576)
+"""A linear of the bundled 135M model (gate/up projection): what one Linear4bit forward dequantizes."""
 
 
 def interleaved(fns: dict, repeats: int) -> dict[str, float]:
@@ -58,6 +58,64 @@ def bits_per_parameter(w: torch.Tensor, double_quant: bool) -> dict[str, float]:
     }
 
 
+def bnb_quantize(w: torch.Tensor):
+    return bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+
+
+def quantize_times(w: torch.Tensor, repeats: int) -> dict[str, float]:
+    return interleaved(
+        {
+            "cura": lambda: quantize(w),
+            "cura_reference": lambda: quantize_with(None, w, "nf4", 64, True),
+            "bitsandbytes": lambda: bnb_quantize(w),
+        },
+        repeats,
+    )
+
+
+def dequantize_times(w: torch.Tensor, repeats: int) -> dict[str, float]:
+    q = quantize(w)
+    packed, state = bnb_quantize(w)
+    buffer, source = torch.empty(w.numel()), w.reshape(-1)
+    return interleaved(
+        {
+            "cura": lambda: q.dequantize(),
+            "cura_into_reused_buffer": lambda: q.dequantize(out=buffer),
+            "cura_bf16_output": lambda: q.dequantize(torch.bfloat16),
+            "cura_reference": lambda: dequantize_with(None, q),
+            "cura_reference_into_reused_buffer": lambda: dequantize_with(None, q, out=buffer),
+            "bitsandbytes": lambda: bnbf.dequantize_4bit(packed, state),
+            "memory_copy_fresh": lambda: torch.empty_like(source).copy_(source),
+            "memory_copy": lambda: buffer.copy_(source),
+            "memory_write": lambda: buffer.fill_(1.0),
+        },
+        repeats,
+    )
+
+
+def small_layer_times(repeats: int) -> dict[str, float]:
+    """One 135M-model linear (1536 x 576, 3.5 MiB of float32: stays in cache), as in a Linear4bit step."""
+    w = torch.randn(*SMOLLM2_MLP, generator=torch.Generator().manual_seed(1))
+    q = quantize(w)
+    packed, state = bnb_quantize(w)
+    buffer = torch.empty(w.numel())
+    loops = 20  # per timed call, so that one call is ~1 ms, well above the timer's resolution
+
+    def repeat(fn):
+        return lambda: [fn() for _ in range(loops)]
+
+    times = interleaved(
+        {
+            "cura": repeat(lambda: q.dequantize()),
+            "cura_into_reused_buffer": repeat(lambda: q.dequantize(out=buffer)),
+            "cura_reference": repeat(lambda: dequantize_with(None, q)),
+            "bitsandbytes": repeat(lambda: bnbf.dequantize_4bit(packed, state)),
+        },
+        repeats * 3,
+    )
+    return {name: t / loops for name, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096)
@@ -66,30 +124,18 @@ def main() -> None:
 
     w = torch.randn(args.size, args.size, generator=torch.Generator().manual_seed(0))
     gb = w.numel() * 4 / 1e9
-    q = quantize(w)
-    packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    lib = kernels.library()
+    assert lib is not None, "the CPU kernels did not build; run with logging at DEBUG to see why"
+    q, (packed, _) = quantize(w), bnb_quantize(w)
     assert torch.equal(q.packed, packed), "cura and bitsandbytes disagree on the packed bytes"
 
-    quant = interleaved(
-        {
-            "cura": lambda: quantize(w),
-            "bitsandbytes": lambda: bnbf.quantize_4bit(
-                w, blocksize=64, quant_type="nf4", compress_statistics=True
-            ),
-        },
-        args.repeats,
-    )
-    buffer = torch.empty(w.numel())
-    dequant = interleaved(
-        {
-            "cura": lambda: q.dequantize(),
-            "cura_into_reused_buffer": lambda: q.dequantize(out=buffer),
-            "bitsandbytes": lambda: bnbf.dequantize_4bit(packed, state),
-            "copy": lambda: torch.empty_like(w).copy_(w),
-        },
-        args.repeats,
-    )
-    copy_gbps = 2 * gb / dequant.pop("copy")
+    quant = quantize_times(w, args.repeats)
+    dequant = dequantize_times(w, args.repeats)
+    small = small_layer_times(args.repeats)
+    small_gb = SMOLLM2_MLP[0] * SMOLLM2_MLP[1] * 4 / 1e9
+    copy_gbps = 2 * gb / dequant["memory_copy"]  # read + write
+    write_gbps = gb / dequant["memory_write"]
+    dequant_traffic = (0.5 + 1 / 64 + 4) / 4 * gb  # packed codes + 8-bit scales read, float32 written
     result = {
         "tensor": {"shape": list(w.shape), "dtype": "float32", "quant_type": "nf4", "blocksize": 64},
         "bits_per_parameter": {
@@ -98,14 +144,32 @@ def main() -> None:
             "formula": {"double_quant": 4 + 8 / 64 + 32 / (64 * 256), "no_double_quant": 4 + 32 / 64},
         },
         "quantize_gbps": {name: gb / s for name, s in quant.items()},
-        "dequantize_gbps": {name: gb / s for name, s in dequant.items()},
-        "memory_copy_gbps_read_plus_write": copy_gbps,
+        "dequantize_gbps": {name: gb / s for name, s in dequant.items() if not name.startswith("memory")},
+        "dequantize_gbps_smollm2_mlp_1536x576": {name: small_gb / s for name, s in small.items()},
+        "memory_gbps": {
+            "copy_read_plus_write": copy_gbps,
+            "copy_fresh_output_read_plus_write": 2 * gb / dequant["memory_copy_fresh"],
+            "write": write_gbps,
+        },
         "ratios": {
             "quantize_cura_over_bitsandbytes": quant["bitsandbytes"] / quant["cura"],
+            "quantize_cura_over_reference": quant["cura_reference"] / quant["cura"],
             "dequantize_cura_over_bitsandbytes": dequant["bitsandbytes"] / dequant["cura"],
             "dequantize_cura_into_reused_buffer_over_bitsandbytes": dequant["bitsandbytes"]
             / dequant["cura_into_reused_buffer"],
-            "dequantize_cura_over_memory_copy": (gb / dequant["cura"]) / copy_gbps,
+            "dequantize_cura_over_reference": dequant["cura_reference"] / dequant["cura"],
+            "dequantize_cura_into_reused_buffer_over_reference": dequant["cura_reference_into_reused_buffer"]
+            / dequant["cura_into_reused_buffer"],
+            "dequantize_smollm2_mlp_cura_over_bitsandbytes": small["bitsandbytes"] / small["cura"],
+            "dequantize_smollm2_mlp_cura_over_reference": small["cura_reference"] / small["cura"],
+            # Fractions of the memory bandwidth: bytes a dequantization moves per second over what a
+            # copy (read + write) or a plain write moves per second on the same buffer.
+            "dequantize_cura_into_reused_buffer_traffic_over_memory_copy": dequant_traffic
+            / dequant["cura_into_reused_buffer"]
+            / copy_gbps,
+            "dequantize_cura_into_reused_buffer_over_memory_write": gb
+            / dequant["cura_into_reused_buffer"]
+            / write_gbps,
         },
         "repeats": args.repeats,
         "machine": {
@@ -113,6 +177,7 @@ def main() -> None:
             "threads": torch.get_num_threads(),
             "cpus": os.cpu_count(),
             "processor": platform.processor() or platform.machine(),
+            "kernels": "avx512" if lib.cura_simd() else "portable C",
             "load_average_1min": os.getloadavg()[0],
         },
     }

@@ -33,6 +33,15 @@ def _eager_bitsandbytes():
     torch._dynamo.config.disable = previous
 
 
+@pytest.fixture(params=["kernels", "reference"])
+def path(request, monkeypatch):
+    """Run a test through the public functions on the CPU kernels (where they build) and on the PyTorch
+    reference (``CURA_KERNELS=0``); tests/test_quant_kernels.py checks the two agree bit for bit."""
+    if request.param == "reference":
+        monkeypatch.setenv("CURA_KERNELS", "0")
+    return request.param
+
+
 def _bnb(w, quant_type, blocksize, double_quant):
     return bnbf.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant)
 
@@ -114,7 +123,7 @@ def test_dequantize_dtypes_and_function_form():
 
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
-def test_large_tensor_matches_bitsandbytes(double_quant):
+def test_large_tensor_matches_bitsandbytes(double_quant, path):
     """Enough blocks to span several quantization chunks (and a realistic 8-bit mismatch rate)."""
     w = torch.randn(1536, 1024, generator=torch.Generator().manual_seed(7))
     q = quantize(w, blocksize=64, double_quant=double_quant)
@@ -135,7 +144,7 @@ def test_packing_layout_even_element_high_nibble():
     assert torch.equal(unpack_nibbles(packed, 5), codes)
 
 
-def test_zero_tensor_and_ties():
+def test_zero_tensor_and_ties(path):
     q = quantize(torch.zeros(130), double_quant=False)
     assert torch.all(q.packed == 0x77) and torch.equal(q.dequantize(), torch.zeros(130))
     assert q.absmax[:2].tolist() == [0.0, 0.0]
@@ -215,8 +224,8 @@ def test_to_device_moves_without_requantizing():
 
 
 @pytest.mark.parametrize("blocksize", [32, 4096])
-def test_fast_dequantize_equals_plain_formula_on_every_tail_length(blocksize):
-    """The word-table path vs ``code[unpacked] * absmax[block]``, for sizes around word/block/chunk edges."""
+def test_fast_dequantize_equals_plain_formula_on_every_tail_length(blocksize, path):
+    """Each path (kernels; reference word table) vs ``code[unpacked] * absmax[block]``, sizes around edges."""
     for n in (1, 2, 3, 5, 6, 7, 63, 65, 66, 67, 4097, 70001, 131075):
         w = torch.randn(n, generator=torch.Generator().manual_seed(n))
         q = quantize(w, blocksize=blocksize)

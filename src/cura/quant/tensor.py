@@ -16,12 +16,14 @@ On disk (transformers + bitsandbytes layout, for a weight key ``W``)::
                                         (+ nested_blocksize, nested_dtype, nested_offset with DQ)
 """
 
+import ctypes
 import dataclasses
 import json
 from functools import cache
 
 import torch
 
+from cura.quant import kernels
 from cura.quant.blockwise import (
     BLOCKSIZES,
     dequantize_blocks,
@@ -90,11 +92,9 @@ class QuantizedTensor:
 
         With `out` (contiguous float32, same number of elements) the float32 values are written there,
         so a caller that dequantizes repeatedly can reuse one buffer instead of fresh memory each time.
+        On CPU the compiled kernels do the work (same bits; see `cura.quant.kernels`).
         """
-        values = dequantize_packed(
-            self.packed, self.absmax_float(), _table(self.code), self.blocksize, self.numel, out
-        )
-        return values.view(self.shape) if out is not None else values.view(self.shape).to(dtype or self.dtype)
+        return dequantize_with(kernels.library_for(self.packed), self, dtype, out=out)
 
     def to(self, device: torch.device | str) -> "QuantizedTensor":
         """The same quantized data on `device` (moved, never re-quantized)."""
@@ -202,19 +202,26 @@ def quantize(
     """Quantize `w` blockwise to 4 bits (bitsandbytes-identical bytes), optionally with double quantization.
 
     ``codes, absmax = quantize_blocks(w, code, blocksize)``; with DQ also
-    ``absmax8, nested_absmax = quantize_blocks(absmax - mean(absmax), dynamic_map, 256)``.
+    ``absmax8, nested_absmax = quantize_blocks(absmax - mean(absmax), dynamic_map, 256)``. On CPU the
+    compiled kernels do the work (same bits; see `cura.quant.kernels`).
     """
     _check_input(w, quant_type, blocksize)
+    return quantize_with(kernels.library_for(w), w.detach(), quant_type, blocksize, double_quant)
+
+
+def quantize_with(
+    lib: ctypes.CDLL | None, w: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool
+) -> QuantizedTensor:
+    """`quantize` (without input checks) on the CPU kernels `lib`, or on the PyTorch reference where `lib`
+    is None or the kernels decline (see `cura.quant.kernels`)."""
     code = code_4bit(quant_type).to(w.device)
-    codes, absmax = quantize_blocks(w.detach(), code, blocksize)
+    packed, absmax = _quantize_4bit(lib, w, code, blocksize)
     base = dict(code=code, shape=w.shape, dtype=w.dtype, quant_type=quant_type, blocksize=blocksize)
-    packed = pack_nibbles(codes, pad_code=int(code.abs().argmin()))
-    del codes
     if not double_quant:
         return QuantizedTensor(packed=packed, absmax=absmax, **base)
     offset = absmax.mean()
     nested_code = dynamic_map_signed().to(w.device)
-    absmax8, nested_absmax = quantize_blocks(absmax - offset, nested_code, NESTED_BLOCKSIZE, divide=True)
+    absmax8, nested_absmax = _quantize_8bit(lib, absmax - offset, nested_code)
     return QuantizedTensor(
         packed=packed,
         absmax=absmax8,
@@ -223,6 +230,47 @@ def quantize(
         offset=offset.item(),
         **base,
     )
+
+
+def _quantize_4bit(
+    lib: ctypes.CDLL | None, w: torch.Tensor, code: torch.Tensor, blocksize: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    fast = kernels.quantize_4bit(w, code, blocksize, lib)
+    if fast is not None:
+        return fast
+    codes, absmax = quantize_blocks(w, code, blocksize)
+    return pack_nibbles(codes, pad_code=int(code.abs().argmin())), absmax
+
+
+def _quantize_8bit(
+    lib: ctypes.CDLL | None, x: torch.Tensor, code: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    fast = kernels.quantize_8bit(x, code, NESTED_BLOCKSIZE, lib)
+    return fast if fast is not None else quantize_blocks(x, code, NESTED_BLOCKSIZE, divide=True)
+
+
+def dequantize_with(
+    lib: ctypes.CDLL | None,
+    q: QuantizedTensor,
+    dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`QuantizedTensor.dequantize` on the CPU kernels `lib`, or on the PyTorch reference where `lib` is
+    None or the kernels decline (see `cura.quant.kernels`)."""
+    dtype = dtype or q.dtype
+    if lib is not None and (out is None or out.dtype == torch.float32):  # `out` is float32 by contract
+        target = out if out is not None else kernels.empty(q.numel, _kernel_dtype(dtype))
+        nested = (q.nested_absmax, q.nested_code, q.offset, q.nested_blocksize) if q.double_quant else None
+        done = kernels.dequantize_4bit(q.packed, q.absmax, q.code, q.blocksize, q.numel, nested, target, lib)
+        if done is not None:
+            return target.view(q.shape) if out is not None else target.view(q.shape).to(dtype)
+    values = dequantize_packed(q.packed, q.absmax_float(), _table(q.code), q.blocksize, q.numel, out)
+    return values.view(q.shape) if out is not None else values.view(q.shape).to(dtype)
+
+
+def _kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels write float32, bfloat16 and float16 directly; anything else goes through float32."""
+    return dtype if dtype in kernels.DTYPE_CODES else torch.float32
 
 
 def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
