@@ -7,10 +7,20 @@ load_adapter(fresh_model, "run/adapter")      # also reads adapters written by P
 merged = merge_lora(base.state_dict(), adapter_state_dict(model), config)
 """
 
-from cura.adapters.attach import attach_lora, linear_layers, lora_layers, set_trainable, unwrap_lora
+from cura._lazy import lazy_getattr
 from cura.adapters.config import LoraConfig
-from cura.adapters.io import adapter_state_dict, load_adapter, read_adapter_metadata, save_adapter
-from cura.adapters.merge import merge_lora
+
+_LAZY = {
+    **dict.fromkeys(
+        ("attach_lora", "linear_layers", "lora_layers", "set_trainable", "unwrap_lora"),
+        "cura.adapters.attach",
+    ),
+    **dict.fromkeys(
+        ("adapter_state_dict", "load_adapter", "read_adapter_metadata", "save_adapter"), "cura.adapters.io"
+    ),
+    "merge_lora": "cura.adapters.merge",
+}
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 __all__ = [
     "LoraConfig",

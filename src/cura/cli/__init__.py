@@ -1,8 +1,9 @@
 """The `cura` command: one entry point, one module per subcommand.
 
-Each module in `SUBCOMMANDS` exposes `register(subparsers)`, which adds its parser and sets
-`func(args) -> int` as the parser default. The CLI is a thin layer: every subcommand calls the same public
-functions a Python user would.
+Each module in `SUBCOMMANDS` exposes `register(subparsers)`, which adds its parser (with the one-line help
+of `SUBCOMMANDS`) and sets `func(args) -> int` as the parser default. Only the module of the command being run
+is imported, so `cura --help` and `cura estimate` start without loading torch. The CLI is a thin layer: every
+subcommand calls the same public functions a Python user would.
 """
 
 from __future__ import annotations
@@ -13,32 +14,40 @@ import sys
 
 from cura.errors import CuraError
 
-# module name under cura.cli -> loaded lazily so that `cura --help` stays fast
-SUBCOMMANDS = ("train", "generate", "chat", "data", "estimate", "eval", "merge", "export")
+# subcommand (module under cura.cli) -> its one-line help
+SUBCOMMANDS = {
+    "train": "fine-tune a model with QLoRA (no arguments: the demo on the bundled model)",
+    "generate": "complete a prompt with a model (and optionally an adapter)",
+    "chat": "chat with a model interactively (streaming)",
+    "data": "inspect a training data file",
+    "estimate": "plan a run's memory (terms, total, which GPUs it fits) and make it fit (--fit 12GB)",
+    "eval": "evaluate a model (and adapter): loss, ROUGE, BLEU, chrF, exact match",
+    "merge": "merge an adapter into its base model (transformers safetensors)",
+    "export": "export a model (optionally with an adapter merged) to another format",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser, with `command`'s full subparser (its module imported) and a summary line for the rest."""
     parser = argparse.ArgumentParser(
         prog="cura",
         description="Fine-tune large language models on the hardware you have (QLoRA).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"cura.cli.{name}")
-        except ModuleNotFoundError as exc:  # a subcommand not built yet
-            if exc.name != f"cura.cli.{name}":
-                raise
-            continue
-        module.register(sub)
+    for name, summary in SUBCOMMANDS.items():
+        if name == command:
+            importlib.import_module(f"cura.cli.{name}").register(sub)
+        else:
+            sub.add_parser(name, help=summary)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
     if not argv:
         argv = ["train"]  # the demo: `cura` alone runs the default fine-tune
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()

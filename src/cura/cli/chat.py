@@ -5,13 +5,14 @@ from __future__ import annotations
 import sys
 import threading
 
+from cura.cli import SUBCOMMANDS
 from cura.hardware import COMPUTE_DTYPES
 
 HELP = "commands: /reset clears the conversation, /exit (or Ctrl-D) quits"
 
 
 def register(sub) -> None:
-    p = sub.add_parser("chat", help="chat with a model interactively (streaming)")
+    p = sub.add_parser("chat", help=SUBCOMMANDS["chat"])
     p.add_argument("--model", default="smollm2-135m", help="model folder, .gguf file or known name")
     p.add_argument("--adapter", default=None, help="an adapter folder (cura or PEFT)")
     p.add_argument("--system", default=None, help="a system message")

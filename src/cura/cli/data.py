@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cura.cli import SUBCOMMANDS
 from cura.errors import CuraError
 
 GREEN, RESET = "\x1b[32;1m", "\x1b[0m"
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("data", help="inspect a training data file")
+    parser = subparsers.add_parser("data", help=SUBCOMMANDS["data"])
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     p = sub.add_parser("inspect", help="format, counts, token lengths and one example with trained tokens")
     p.add_argument("file", help="data file or folder (.jsonl, .json, .csv, .parquet, datasets folder)")

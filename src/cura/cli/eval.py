@@ -7,11 +7,12 @@ import sys
 import time
 from pathlib import Path
 
+from cura.cli import SUBCOMMANDS
 from cura.hardware import COMPUTE_DTYPES
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a model (and adapter): loss, ROUGE, BLEU, chrF, exact match")
+    p = sub.add_parser("eval", help=SUBCOMMANDS["eval"])
     p.add_argument("--model", default="smollm2-135m", help="model folder, .gguf file or known name")
     p.add_argument("--adapter", default=None, help="an adapter folder (cura or PEFT)")
     p.add_argument(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from cura.cli import SUBCOMMANDS
+
 
 def register(sub) -> None:
     from cura.export.gguf import OUT_TYPES, TOLERANCES
 
-    p = sub.add_parser("export", help="export a model (optionally with an adapter merged) to another format")
+    p = sub.add_parser("export", help=SUBCOMMANDS["export"])
     formats = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
     g = formats.add_parser("gguf", help="a GGUF file for llama.cpp / Ollama, with a Modelfile beside it")
     g.add_argument("--model", default="smollm2-135m", help="model folder, .gguf file or known name")

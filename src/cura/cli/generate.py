@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from cura.cli import SUBCOMMANDS
 from cura.hardware import COMPUTE_DTYPES
 
 
 def register(sub) -> None:
-    p = sub.add_parser("generate", help="complete a prompt with a model (and optionally an adapter)")
+    p = sub.add_parser("generate", help=SUBCOMMANDS["generate"])
     p.add_argument("--model", default="smollm2-135m", help="model folder, .gguf file or known name")
     p.add_argument("--adapter", default=None, help="an adapter folder (cura or PEFT)")
     p.add_argument("--prompt", required=True, help="the user message")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from cura.cli import SUBCOMMANDS
+
 
 def register(sub) -> None:
     from cura.export.merge import DEFAULT_DTYPE, DTYPES, TOLERANCES
 
-    p = sub.add_parser("merge", help="merge an adapter into its base model (transformers safetensors)")
+    p = sub.add_parser("merge", help=SUBCOMMANDS["merge"])
     p.add_argument("--model", default="smollm2-135m", help="the base model the adapter was trained on")
     p.add_argument("--adapter", required=True, help="the adapter folder (cura or PEFT)")
     p.add_argument("--output", required=True, help="the folder to write the merged model to")

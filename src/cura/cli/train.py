@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from cura.cli import SUBCOMMANDS
 from cura.config import from_dict, leaf_fields, load_yaml, set_path
 
 # short flag -> config key
@@ -26,7 +27,7 @@ def register(sub) -> None:
 
     p = sub.add_parser(
         "train",
-        help="fine-tune a model with QLoRA (no arguments: the demo on the bundled model)",
+        help=SUBCOMMANDS["train"],
         description="Fine-tune a model with QLoRA. With no config and no --data, runs the demo: the bundled "
         "SmolLM2-135M-Instruct learns a fixed JSON answer format, and its answers before and after are shown.",
         formatter_class=argparse.RawDescriptionHelpFormatter,

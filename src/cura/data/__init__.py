@@ -6,25 +6,29 @@ for batch in batches(train, batch_size=4, max_length=512, packing=True, seed=0, 
                      pad_token_id=tokenizer.pad_token_id): ...
 """
 
+from cura._lazy import lazy_getattr
 from cura.data.config import FORMATS, DataConfig
-from cura.data.dataset import (
-    DataReport,
-    TokenizedDataset,
-    build_datasets,
-    length_stats,
-    read_rows,
-    split_rows,
-)
-from cura.data.formats import detect_format, normalize
-from cura.data.packing import Batches, batches, block_causal_mask
-from cura.data.template import (
-    FALLBACK_CHAT_TEMPLATE,
-    effective_chat_template,
-    encode_messages,
-    encode_text,
-    render_prompt,
-    split_prompt_reference,
-)
+
+_LAZY = {
+    **dict.fromkeys(
+        ("DataReport", "TokenizedDataset", "build_datasets", "length_stats", "read_rows", "split_rows"),
+        "cura.data.dataset",
+    ),
+    **dict.fromkeys(("detect_format", "normalize"), "cura.data.formats"),
+    **dict.fromkeys(("Batches", "batches", "block_causal_mask"), "cura.data.packing"),
+    **dict.fromkeys(
+        (
+            "FALLBACK_CHAT_TEMPLATE",
+            "effective_chat_template",
+            "encode_messages",
+            "encode_text",
+            "render_prompt",
+            "split_prompt_reference",
+        ),
+        "cura.data.template",
+    ),
+}
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 __all__ = [
     "FALLBACK_CHAT_TEMPLATE",

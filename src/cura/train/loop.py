@@ -82,7 +82,7 @@ def _prepare_output(out: Path, config: TrainConfig) -> None:
         )
 
 
-def _make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     betas = (config.adam_beta1, config.adam_beta2)
     if config.optimizer == "adamw":
         return torch.optim.AdamW(
@@ -230,7 +230,7 @@ def train(config: TrainConfig, *, hooks: TrainHooks | None = None, say: Say = _s
     )
 
     # 3. optimizer, schedule, data order
-    optimizer = _make_optimizer(config, params)
+    optimizer = make_optimizer(config, params)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def epoch_batches(epoch: int, dataset=train_set):

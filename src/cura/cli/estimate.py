@@ -1,0 +1,119 @@
+"""`cura estimate`: how much memory a run needs, term by term, and what makes it fit, without loading weights.
+
+    cura estimate --model llama-3-8b --method qlora --seq-len 2048 --fit 12GB
+    cura estimate run.yaml --device cpu --json
+
+The settings are `cura train`'s (a YAML file, the flags below, `--set KEY=VALUE`), with its defaults; the
+model is a known name, a model folder, a config.json or a .gguf (only its header is read).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cura.cli import SUBCOMMANDS
+from cura.config import from_dict, load_yaml, set_path
+from cura.errors import CuraError
+
+# flag -> TrainConfig key (the defaults come from TrainConfig; none is restated here)
+FLAGS = {
+    "model": "model",
+    "method": "method",
+    "quant_type": "quant_type",
+    "blocksize": "blocksize",
+    "double_quant": "double_quant",
+    "compute_dtype": "compute_dtype",
+    "r": "lora.r",
+    "targets": "lora.target_modules",
+    "dropout": "lora.dropout",
+    "optimizer": "optimizer",
+    "batch_size": "batch_size",
+    "seq_len": "data.max_length",
+    "gradient_checkpointing": "gradient_checkpointing",
+    "loss_chunk_tokens": "loss_chunk_tokens",
+    "packing": "data.packing",
+}
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "estimate",
+        help=SUBCOMMANDS["estimate"],
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", nargs="?", help="a `cura train` YAML config (flags override it)")
+    for flag, key in FLAGS.items():
+        extra = (
+            {"nargs": "?", "const": "true"}
+            if key in ("double_quant", "gradient_checkpointing", "data.packing")
+            else {}
+        )
+        p.add_argument(
+            f"--{flag.replace('_', '-')}",
+            dest=f"cfg:{key}",
+            default=argparse.SUPPRESS,
+            metavar="VALUE",
+            help=f"config key {key} ('full' is also accepted for --method)"
+            if flag == "method"
+            else f"config key {key}",
+            **extra,
+        )
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="any config key"
+    )
+    p.add_argument(
+        "--device", choices=("cuda", "cpu"), default=None, help="plan GPU memory (default) or this CPU's RAM"
+    )
+    p.add_argument(
+        "--fit", metavar="MEMORY", default=None, help="a size (12GB, 24GiB) or a GPU name (rtx-4090)"
+    )
+    p.add_argument("--json", action="store_true", help="print the plan (and fit) as JSON")
+    p.set_defaults(func=run)
+
+
+def settings_from_args(args) -> tuple[dict, str | None]:
+    """(TrainConfig data, method override) from the YAML file, the flags and --set."""
+    data: dict = load_yaml(args.config) if args.config else {}
+    for name, value in vars(args).items():
+        if name.startswith("cfg:"):
+            set_path(data, name[4:], value)
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CuraError(f"--set expects KEY=VALUE, got {item!r}")
+        set_path(data, key.strip(), value)
+    method = data.pop("method", None)
+    if method is not None and method not in ("full", "lora", "qlora"):
+        raise CuraError(f"--method must be full, lora or qlora, got {method!r}")
+    if method in ("lora", "qlora"):
+        data["method"] = method
+    return data, method
+
+
+def run(args) -> int:
+    from cura.memory import fit, plan, resolve_memory, shape_from_source, spec_from_config
+    from cura.memory.report import fit_to_dict, format_fit, format_plan, plan_to_dict
+    from cura.train.config import TrainConfig
+
+    data, method = settings_from_args(args)
+    config = from_dict(TrainConfig, data)
+    budget = resolve_memory(args.fit) if args.fit else None
+    device = args.device or (budget.device if budget and budget.device else "cuda")
+    native_bf16 = budget.bf16 if budget else None
+    shape = shape_from_source(config.model)
+    spec = spec_from_config(config, device, method=method, native_bf16=native_bf16)
+    the_plan = plan(shape, spec)
+    result = fit(shape, spec, budget.bytes, bf16_ok=native_bf16 is not False) if budget else None
+    if args.json:
+        out = {"plan": plan_to_dict(the_plan), "fit": fit_to_dict(result, budget.label) if result else None}
+        json.dump(out, sys.stdout, indent=2)
+        print()
+    else:
+        print(format_plan(the_plan))
+        if result:
+            print()
+            print(format_fit(result, budget.label))
+    return 0
