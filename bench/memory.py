@@ -1,0 +1,171 @@
+"""Accuracy of the memory planner: predicted peak vs the measured peak of real training steps.
+
+    flock /tmp/cura-bench.lock python bench/memory.py [--only NAME,...] [--device cpu|cuda]
+
+For each configuration (tiny random models of different shapes written as safetensors folders, and the
+bundled SmolLM2-135M; checkpointing on and off; several batch and sequence sizes; float32 and bfloat16
+compute; LoRA and QLoRA; 32-bit and 8-bit optimizer state), a fresh process builds the model as `cura train`
+does and runs three optimizer steps (`cura.memory.measure`):
+
+    CPU   measured = peak RSS during the steps (VmHWM, reset after setup) - RSS after imports
+          predicted = plan(...).peak_bytes, framework overhead included
+    CUDA  measured = torch.cuda.max_memory_allocated()
+          predicted = plan(...).peak_bytes - its framework overhead term (the context is not allocated)
+
+The CPU runs fix glibc's mmap threshold first (`cura.memory.allocator`); two configurations are also
+measured with glibc's default (dynamic) threshold to show what that costs. Writes bench/results/memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from cura.config import from_dict
+from cura.memory import plan, shape_from_source, spec_from_config
+from cura.memory.measure import measure_in_subprocess
+from cura.train.config import TrainConfig
+
+RESULTS = Path(__file__).parent / "results" / "memory.json"
+MiB = 2**20
+
+# name -> (transformers config class, its arguments): tiny random models of different shapes
+MODELS = {
+    "tiny-llama": ("LlamaConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=320)),
+    "deep-llama": ("LlamaConfig", dict(hidden_size=256, intermediate_size=688, num_hidden_layers=12,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=8000)),
+    "small-mistral": ("MistralConfig", dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                                            num_attention_heads=8, num_key_value_heads=2, vocab_size=16000,
+                                            sliding_window=None)),
+    "wide-qwen2": ("Qwen2Config", dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                                       num_attention_heads=16, num_key_value_heads=4, vocab_size=32000,
+                                       tie_word_embeddings=True)),
+}  # fmt: skip
+BUNDLED = "smollm2-135m"
+
+
+def run(name: str, model: str, batch: int, seq: int, **settings) -> dict:
+    """One configuration: TrainConfig settings (nested plain data) on a model."""
+    data = {"batch_size": batch, "threads": 2, **settings}
+    data["data"] = {"max_length": seq, **settings.get("data", {})}
+    return {"name": name, "model": model, "settings": data}
+
+
+CONFIGS = [
+    run("tiny f32", "tiny-llama", 2, 64, compute_dtype="float32"),
+    run("tiny bf16", "tiny-llama", 2, 64),
+    run("deep bf16 ckpt", "deep-llama", 4, 512),
+    run("deep bf16 no-ckpt", "deep-llama", 4, 512, gradient_checkpointing=False),
+    run("small f32 ckpt", "small-mistral", 4, 256, compute_dtype="float32"),
+    run("small bf16 no-ckpt", "small-mistral", 4, 256, gradient_checkpointing=False),
+    run("small bf16 8-bit, no dropout", "small-mistral", 8, 256, optimizer="paged_adamw_8bit", lora={"dropout": 0.0}),
+    run("wide bf16 ckpt", "wide-qwen2", 2, 512),
+    run("wide f32 unpacked chunk256", "wide-qwen2", 2, 512, compute_dtype="float32", loss_chunk_tokens=256, data={"packing": False}),
+    run("wide bf16 lora (16-bit base)", "wide-qwen2", 2, 256, method="lora"),
+    run("smollm2 bf16 ckpt", BUNDLED, 4, 256),
+    run("smollm2 bf16 no-ckpt", BUNDLED, 4, 256, gradient_checkpointing=False),
+    run("smollm2 bf16 ckpt 2x1024", BUNDLED, 2, 1024),
+    run("smollm2 f32 ckpt", BUNDLED, 4, 256, compute_dtype="float32"),
+]  # fmt: skip
+DEFAULT_MALLOC = ("small f32 ckpt", "smollm2 bf16 ckpt")
+
+
+def write_models(folder: Path) -> dict[str, str]:
+    """Save each tiny model (random weights, safetensors) once; returns name -> folder."""
+    import torch
+    import transformers
+
+    paths = {}
+    for name, (cls, kwargs) in MODELS.items():
+        path = folder / name
+        if not (path / "config.json").is_file():
+            config = getattr(transformers, cls)(max_position_embeddings=4096, **kwargs)
+            torch.manual_seed(0)
+            transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+        paths[name] = str(path)
+    paths[BUNDLED] = BUNDLED
+    return paths
+
+
+def compare(entry: dict, source: str, device: str, pin_malloc: bool) -> dict:
+    config = from_dict(TrainConfig, entry["settings"])
+    the_plan = plan(shape_from_source(source), spec_from_config(config, device))
+    measured = measure_in_subprocess(source, entry["settings"], device=device, pin_malloc=pin_malloc)
+    predicted = the_plan.peak_bytes
+    if device == "cuda":
+        predicted -= the_plan.term("framework overhead")
+    persistent = sum(the_plan.term(t) for t in ("quantized base weights", "quantization constants",
+                                                 "full-precision base weights", "embeddings, lm_head, norms",
+                                                 "LoRA adapters"))  # fmt: skip
+    return {
+        **entry,
+        "device": device,
+        "compute_dtype": the_plan.spec.compute_dtype,
+        "malloc_pinned": measured.malloc_pinned,
+        "predicted_peak_bytes": predicted,
+        "measured_peak_bytes": measured.peak_increase,
+        "error": (predicted - measured.peak_increase) / measured.peak_increase,
+        "peak_phase": the_plan.peak_phase,
+        "terms": {t.name: t.bytes for t in the_plan.terms},
+        "predicted_weights_bytes": persistent,
+        "measured_setup_bytes": measured.setup - measured.baseline,
+        "seconds_per_step": measured.seconds_per_step,
+        "hwm_reset": measured.hwm_reset,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--only", default="", help="comma-separated configuration names")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--models", default=os.path.join(tempfile.gettempdir(), "cura-bench-memory-models"))
+    args = parser.parse_args()
+    only = {n.strip() for n in args.only.split(",") if n.strip()}
+    paths = write_models(Path(args.models))
+    rows, default_malloc = [], []
+    for entry in CONFIGS:
+        if only and entry["name"] not in only:
+            continue
+        row = compare(entry, paths[entry["model"]], args.device, pin_malloc=True)
+        rows.append(row)
+        print(
+            f"{row['name']:32s} predicted {row['predicted_peak_bytes'] / MiB:8.1f} MiB  measured "
+            f"{row['measured_peak_bytes'] / MiB:8.1f} MiB  error {row['error']:+6.1%}  ({row['peak_phase']})",
+            flush=True,
+        )
+        if args.device == "cpu" and entry["name"] in DEFAULT_MALLOC:
+            plain = compare(entry, paths[entry["model"]], args.device, pin_malloc=False)
+            default_malloc.append(plain)
+            print(f"{'  same, default glibc malloc':32s} measured {plain['measured_peak_bytes'] / MiB:8.1f} MiB  "
+                  f"error {plain['error']:+6.1%}", flush=True)  # fmt: skip
+    worst = max(rows, key=lambda r: abs(r["error"]))
+    result = {
+        "description": "planner peak vs measured peak of 3 training steps per configuration (see bench/memory.py)",
+        "device": args.device,
+        "results": rows,
+        "worst_case": {"name": worst["name"], "error": worst["error"]},
+        "within_10_percent": all(abs(r["error"]) <= 0.10 for r in rows),
+        "default_glibc_malloc": default_malloc,
+        "machine": {
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+            "cpus": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%d"),
+        },
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"worst case: {worst['name']} {worst['error']:+.1%}; wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""`cura train --auto-fit 12GB`: change the fewest, cheapest settings so the run's planned peak fits.
+
+The plan is `cura.memory`'s for this config on the device the run will use; the changes are
+`cura.memory.fit`'s, in its order (checkpointing, bfloat16, paged / 8-bit optimizer, loss chunks, 4-bit
+base, batch size, LoRA rank, sequence length). A smaller batch (a divisor of the old one) multiplies
+`grad_accum` so each optimizer step still sees the same samples; a lower LoRA rank scales `lora.alpha` with it so alpha / r stays the same.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from cura.config import from_dict, set_path
+from cura.errors import CuraError
+from cura.memory import fit, format_bytes, resolve_memory, shape_from_source, spec_from_config
+from cura.memory.fit import Change, FitResult
+from cura.memory.report import config_key
+from cura.train.config import TrainConfig
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def config_changes(config: TrainConfig, changes: tuple[Change, ...]) -> dict:
+    """The TrainConfig overrides (nested plain data) that carry out the planner's changes."""
+    data: dict = {}
+    for change in changes:
+        set_path(data, config_key(change.field), change.new)
+        if change.field == "batch_size":
+            set_path(data, "grad_accum", config.grad_accum * config.batch_size // change.new)
+        if change.field == "lora_r":
+            set_path(data, "lora.alpha", config.lora.alpha * change.new / config.lora.r)
+    return data
+
+
+def describe(config: TrainConfig, result: FitResult, label: str) -> str:
+    """One message: what changed, by how much, and the plan after."""
+    before, after = result.original.peak_bytes, result.plan.peak_bytes
+    lines = [f"auto-fit: the planned peak {format_bytes(before)} does not fit in {label}; changed:"]
+    for c in result.changes:
+        extra = ""
+        if c.field == "batch_size":
+            accum = config.grad_accum * config.batch_size // c.new
+            extra = f" (grad_accum {config.grad_accum} -> {accum}: same samples per step)"
+        lines.append(
+            f"  {config_key(c.field)}: {c.old} -> {c.new}{extra}  -{format_bytes(c.saved_bytes)}: {c.why}"
+        )
+    lines.append(f"  planned peak now {format_bytes(after)}")
+    return "\n".join(lines)
+
+
+def auto_fit(config: TrainConfig, memory: str, *, say: Callable[[str], None] = _say) -> TrainConfig:
+    """`config` changed as little as needed to fit `memory` (a size such as "12GB" or a GPU name such as
+    "rtx-4090"); the same config when it fits already. Says what changed and why; CuraError if nothing fits."""
+    from cura.hardware import default_device, native_bf16
+
+    budget = resolve_memory(memory)
+    device = default_device()
+    bf16 = native_bf16(device)
+    shape = shape_from_source(config.model)
+    spec = spec_from_config(config, device.type, native_bf16=bf16)
+    result = fit(shape, spec, budget.bytes, bf16_ok=bf16)
+    if not result.fits:
+        raise CuraError(
+            f"--auto-fit {memory}: even after {', '.join(config_key(c.field) for c in result.changes) or 'every change'} "
+            f"the planned peak is {format_bytes(result.plan.peak_bytes)}, more than {budget.label}; use a "
+            "smaller model or more memory (see `cura estimate --fit`)"
+        )
+    if result.fits_as_is:
+        say(
+            f"auto-fit: the planned peak {format_bytes(result.original.peak_bytes)} fits in {budget.label}; nothing changed"
+        )
+        return config
+    say(describe(config, result, budget.label))
+    return from_dict(TrainConfig, config_changes(config, result.changes), base=config)
