@@ -1,12 +1,17 @@
 """CPU training step time and peak memory: cura QLoRA vs cura LoRA vs peft (+ bitsandbytes).
 
 On SmolLM2-135M-Instruct (the bundled model), batch 4 x 256 tokens, 2 threads, gradient checkpointing on,
-LoRA r=16 on every linear layer but lm_head, each mode in its own process (so peak RSS is its own):
+LoRA r=16 (dropout 0.05) on every linear layer but lm_head, each mode in its own process (so peak RSS is its
+own). Each library runs in float32 (transformers' default on CPU) and in bfloat16 (compute dtype and model
+dtype; peft keeps its LoRA weights float32 as prepare_model_for_kbit_training does):
 
-    peft_bnb_qlora   transformers + bitsandbytes NF4 (double quant) + peft, torch AdamW   (the anchor)
-    peft_lora        transformers full-precision base + peft, torch AdamW
-    cura_lora        cura on the full-precision base, PagedAdamW
-    cura_qlora       cura on the NF4 + double-quantization base, PagedAdamW
+    peft_bnb_qlora[_bf16]   transformers + bitsandbytes NF4 (double quant) + peft, torch AdamW   (the anchor)
+    peft_lora[_bf16]        transformers full-precision base + peft, torch AdamW
+    cura_lora[_fp32]        cura on the full-precision base, PagedAdamW
+    cura_qlora[_fp32]       cura on the NF4 + double-quantization base, PagedAdamW
+
+cura's unsuffixed modes use its default `compute_dtype: auto` (bfloat16 where the CPU has AVX512-BF16/AMX,
+else float32): `machine.cura_auto_dtype` says which.
 
 Reported: median seconds per optimizer step (after warm-up steps), peak RSS, and ratios from the same run.
 Usage: python bench/train_cpu.py [--steps 6] [--warmup 2]   -> bench/results/train_cpu.json
@@ -26,7 +31,16 @@ import time
 from pathlib import Path
 
 BATCH, SEQ, RANK, ALPHA = 4, 256, 16, 32
-MODES = ("peft_bnb_qlora", "peft_lora", "cura_lora", "cura_qlora")
+MODES = (
+    "peft_bnb_qlora",
+    "peft_bnb_qlora_bf16",
+    "peft_lora",
+    "peft_lora_bf16",
+    "cura_lora_fp32",
+    "cura_qlora_fp32",
+    "cura_lora",
+    "cura_qlora",
+)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -42,18 +56,19 @@ def batch(vocab: int, step: int):
     return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
 
 
-def run_peft(quantized: bool, folder: str, steps: int):
+def run_peft(quantized: bool, folder: str, dtype: str):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs = {"dtype": torch.float32}
+    torch_dtype = getattr(torch, dtype)
+    kwargs = {"dtype": torch_dtype}
     if quantized:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_compute_dtype=torch_dtype,
         )
     model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu" if quantized else None, **kwargs)
     if quantized:
@@ -86,18 +101,20 @@ def run_peft(quantized: bool, folder: str, steps: int):
     return step
 
 
-def run_cura(quantized: bool, folder: str, steps: int):
+def run_cura(quantized: bool, folder: str, dtype: str):
     import torch
     from torch.optim.lr_scheduler import LambdaLR
 
     from cura.adapters import LoraConfig, attach_lora
+    from cura.hardware import resolve_compute_dtype
     from cura.models import load_model
     from cura.optim import PagedAdamW
     from cura.train import TrainConfig
     from cura.train.loop import optimizer_step
     from cura.train.steps import enable_activation_checkpointing
 
-    model = load_model(folder, quantize=quantized).model
+    compute_dtype = resolve_compute_dtype(dtype, "cpu")
+    model = load_model(folder, quantize=quantized, compute_dtype=compute_dtype).model
     attach_lora(model, LoraConfig(r=RANK, alpha=ALPHA, dropout=0.05))
     enable_activation_checkpointing(model)
     model.config.use_cache = False
@@ -122,8 +139,14 @@ def child(mode: str, folder: str, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
     rss_start = peak_rss()
     build = run_peft if mode.startswith("peft") else run_cura
+    if mode.endswith("_bf16"):
+        dtype = "bfloat16"
+    elif mode.endswith("_fp32") or mode.startswith("peft"):
+        dtype = "float32"
+    else:
+        dtype = "auto"  # cura's default
     t0 = time.perf_counter()
-    step = build("qlora" in mode, folder, steps)
+    step = build("qlora" in mode, folder, dtype)
     load_seconds = time.perf_counter() - t0
     times, losses = [], []
     for i in range(warmup + steps):
@@ -133,6 +156,7 @@ def child(mode: str, folder: str, steps: int, warmup: int) -> dict:
             times.append(time.perf_counter() - t)
     return {
         "mode": mode,
+        "dtype": dtype,
         "median_step_seconds": statistics.median(times),
         "step_seconds": times,
         "peak_rss_bytes": peak_rss(),
@@ -191,6 +215,10 @@ def main() -> None:
             file=sys.stderr,
         )
 
+    from cura.hardware import resolve_compute_dtype
+
+    STEP, RSS = "median_step_seconds", "peak_rss_bytes"
+
     def ratio(a, b, key):
         if key in results.get(a, {}) and key in results.get(b, {}):
             return results[a][key] / results[b][key]
@@ -204,16 +232,25 @@ def main() -> None:
         "lora_r": RANK,
         "threads": 2,
         "gradient_checkpointing": True,
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "cura_auto_dtype": str(resolve_compute_dtype("auto", "cpu")).removeprefix("torch."),
+        },
         "modes": results,
         "ratios": {
-            "cura_qlora_vs_cura_lora_step_time": ratio("cura_qlora", "cura_lora", "median_step_seconds"),
-            "cura_qlora_vs_peft_bnb_qlora_step_time": ratio(
-                "cura_qlora", "peft_bnb_qlora", "median_step_seconds"
-            ),
-            "cura_qlora_vs_peft_bnb_qlora_peak_rss": ratio("cura_qlora", "peft_bnb_qlora", "peak_rss_bytes"),
-            "cura_lora_vs_peft_lora_step_time": ratio("cura_lora", "peft_lora", "median_step_seconds"),
-            "cura_lora_vs_peft_lora_peak_rss": ratio("cura_lora", "peft_lora", "peak_rss_bytes"),
+            # the issue's aims, with cura at its default (auto dtype) against the float32 anchors
+            "cura_qlora_vs_cura_lora_step_time": ratio("cura_qlora", "cura_lora", STEP),
+            "cura_qlora_vs_peft_bnb_qlora_step_time": ratio("cura_qlora", "peft_bnb_qlora", STEP),
+            "cura_qlora_vs_peft_bnb_qlora_peak_rss": ratio("cura_qlora", "peft_bnb_qlora", RSS),
+            # like for like: the same dtype on both sides
+            "cura_qlora_fp32_vs_cura_lora_fp32_step_time": ratio("cura_qlora_fp32", "cura_lora_fp32", STEP),
+            "cura_qlora_fp32_vs_peft_bnb_qlora_step_time": ratio("cura_qlora_fp32", "peft_bnb_qlora", STEP),
+            "cura_qlora_fp32_vs_peft_bnb_qlora_peak_rss": ratio("cura_qlora_fp32", "peft_bnb_qlora", RSS),
+            "cura_qlora_vs_peft_bnb_qlora_bf16_step_time": ratio("cura_qlora", "peft_bnb_qlora_bf16", STEP),
+            "cura_qlora_vs_peft_bnb_qlora_bf16_peak_rss": ratio("cura_qlora", "peft_bnb_qlora_bf16", RSS),
+            "cura_lora_fp32_vs_peft_lora_step_time": ratio("cura_lora_fp32", "peft_lora", STEP),
+            "cura_lora_fp32_vs_peft_lora_peak_rss": ratio("cura_lora_fp32", "peft_lora", RSS),
         },
         "aims": {
             "cura_qlora_vs_cura_lora_step_time": "<= 1.10",
