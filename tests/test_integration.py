@@ -39,11 +39,13 @@ def test_demo_command_trains_and_reports_before_and_after(smollm2_gguf, tmp_path
 
 
 @pytest.mark.parametrize("name, options, format", SHARED, ids=[s[0].split("/")[0] for s in SHARED])
-def test_real_data_set_fine_tunes_with_one_command(smollm2_gguf, shared_data, tmp_path, name, options, format):
+def test_real_data_set_fine_tunes_with_one_command(
+    smollm2_gguf, shared_data, tmp_path, name, options, format
+):
     data = first_rows(shared_data / name, tmp_path / "rows.jsonl", n=40)
     fields = [f"--field={key}={column}" for key, column in options.get("fields", {}).items()]
-    args = ["train", "--data", str(data), *fields, "--max-steps", "2", "--batch-size", "2", "--seq-len", "512"]
-    proc = _cura(*args, "--output", "run", "--progress", "false", "--eval-batches", "2", cwd=tmp_path)
+    flags = "--max-steps 2 --batch-size 2 --seq-len 512 --output run --progress false --eval-batches 2"
+    proc = _cura("train", "--data", str(data), *fields, *flags.split(), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"({format or 'prompt_completion'})" in proc.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
