@@ -66,6 +66,20 @@ def test_generate_prints_what_the_api_generates(tiny_with_adapter):
     assert proc.returncode == 0, proc.stderr
     (expected,) = _api(base, adapter, [[{"role": "user", "content": "Name a colour."}]])
     assert expected and proc.stdout.strip() == expected
+    # without --model, the base is the one the adapter names
+    again = _cura(
+        "generate",
+        "--adapter",
+        str(adapter),
+        "--prompt",
+        "Name a colour.",
+        "--max-new-tokens",
+        NEW_TOKENS,
+        "--dtype",
+        "float32",
+    )
+    assert again.returncode == 0 and again.stdout == proc.stdout
+    assert f"base model: {base} (from {adapter}/adapter_config.json" in again.stderr
     # the adapter changes the answer (it is really loaded)
     (plain,) = _api(base, None, [[{"role": "user", "content": "Name a colour."}]])
     assert plain != expected

@@ -16,7 +16,8 @@ _LAZY = {
         "cura.adapters.attach",
     ),
     **dict.fromkeys(
-        ("adapter_state_dict", "load_adapter", "read_adapter_metadata", "save_adapter"), "cura.adapters.io"
+        ("adapter_state_dict", "base_model_of", "load_adapter", "read_adapter_metadata", "save_adapter"),
+        "cura.adapters.io",
     ),
     "merge_lora": "cura.adapters.merge",
 }
@@ -25,6 +26,7 @@ __getattr__ = lazy_getattr(__name__, _LAZY, globals())
 __all__ = [
     "LoraConfig",
     "adapter_state_dict",
+    "base_model_of",
     "attach_lora",
     "linear_layers",
     "load_adapter",

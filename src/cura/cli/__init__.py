@@ -27,6 +27,36 @@ SUBCOMMANDS = {
 }
 
 
+def add_model_argument(
+    parser: argparse.ArgumentParser, help: str = "model folder, .gguf file or known name"
+) -> None:
+    """`--model`, defaulting to the base an `--adapter` names (else the bundled model): see `model_source`."""
+    parser.add_argument(
+        "--model", default=None, help=f"{help} (default: the adapter's base, else smollm2-135m)"
+    )
+
+
+def model_source(args) -> str:
+    """`--model` as given, else the base model recorded in `--adapter`'s adapter_config.json, else the
+    bundled model; says which when it was not given."""
+    if args.model:
+        return args.model
+    from cura.models.sources import BUNDLED_NAME
+
+    adapter = getattr(args, "adapter", None)
+    if adapter:
+        from cura.adapters import base_model_of
+
+        base = base_model_of(adapter)
+        if base:
+            print(
+                f"base model: {base} (from {adapter}/adapter_config.json; --model overrides it)",
+                file=sys.stderr,
+            )
+            return base
+    return BUNDLED_NAME
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser, with `command`'s full subparser (its module imported) and a summary line for the rest."""
     parser = argparse.ArgumentParser(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 
-from cura.cli import SUBCOMMANDS
+from cura.cli import SUBCOMMANDS, add_model_argument, model_source
 from cura.hardware import COMPUTE_DTYPES
 
 HELP = "commands: /reset clears the conversation, /exit (or Ctrl-D) quits"
@@ -13,7 +13,7 @@ HELP = "commands: /reset clears the conversation, /exit (or Ctrl-D) quits"
 
 def register(sub) -> None:
     p = sub.add_parser("chat", help=SUBCOMMANDS["chat"])
-    p.add_argument("--model", default="smollm2-135m", help="model folder, .gguf file or known name")
+    add_model_argument(p)
     p.add_argument("--adapter", default=None, help="an adapter folder (cura or PEFT)")
     p.add_argument("--system", default=None, help="a system message")
     p.add_argument("--max-new-tokens", type=int, default=512)
@@ -27,6 +27,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    args.model = model_source(args)
     from transformers import TextIteratorStreamer
 
     from cura.generate import load_for_inference

@@ -7,13 +7,13 @@ import sys
 import time
 from pathlib import Path
 
-from cura.cli import SUBCOMMANDS
+from cura.cli import SUBCOMMANDS, add_model_argument, model_source
 from cura.hardware import COMPUTE_DTYPES
 
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help=SUBCOMMANDS["eval"])
-    p.add_argument("--model", default="smollm2-135m", help="model folder, .gguf file or known name")
+    add_model_argument(p)
     p.add_argument("--adapter", default=None, help="an adapter folder (cura or PEFT)")
     p.add_argument(
         "--adapter-b", default=None, help="with --compare: a second adapter to compare against --adapter"
@@ -88,6 +88,7 @@ def _print_table(result_or_cmp) -> None:
 
 
 def run(args) -> int:
+    args.model = model_source(args)
     from cura.evaluate import (
         compare,
         evaluate,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cura.cli import SUBCOMMANDS
+from cura.cli import SUBCOMMANDS, add_model_argument, model_source
 
 
 def register(sub) -> None:
@@ -11,7 +11,7 @@ def register(sub) -> None:
     p = sub.add_parser("export", help=SUBCOMMANDS["export"])
     formats = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
     g = formats.add_parser("gguf", help="a GGUF file for llama.cpp / Ollama, with a Modelfile beside it")
-    g.add_argument("--model", default="smollm2-135m", help="model folder, .gguf file or known name")
+    add_model_argument(g)
     g.add_argument("--adapter", default=None, help="an adapter folder to merge in first")
     g.add_argument("--output", required=True, help="the .gguf file to write")
     g.add_argument("--type", dest="out_type", choices=OUT_TYPES, default="f16", help="tensor type")
@@ -28,6 +28,7 @@ def register(sub) -> None:
 
 
 def run_gguf(args) -> int:
+    args.model = model_source(args)
     from cura.export import export_gguf
 
     export_gguf(

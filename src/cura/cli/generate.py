@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from cura.cli import SUBCOMMANDS
+from cura.cli import SUBCOMMANDS, add_model_argument, model_source
 from cura.hardware import COMPUTE_DTYPES
 
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help=SUBCOMMANDS["generate"])
-    p.add_argument("--model", default="smollm2-135m", help="model folder, .gguf file or known name")
+    add_model_argument(p)
     p.add_argument("--adapter", default=None, help="an adapter folder (cura or PEFT)")
     p.add_argument("--prompt", required=True, help="the user message")
     p.add_argument("--system", default=None, help="a system message")
@@ -24,6 +24,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    args.model = model_source(args)
     from transformers import TextStreamer
 
     from cura.generate import generate, load_for_inference

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from cura.cli import SUBCOMMANDS
+from cura.cli import SUBCOMMANDS, add_model_argument, model_source
 
 
 def register(sub) -> None:
     from cura.export.merge import DEFAULT_DTYPE, DTYPES, TOLERANCES
 
     p = sub.add_parser("merge", help=SUBCOMMANDS["merge"])
-    p.add_argument("--model", default="smollm2-135m", help="the base model the adapter was trained on")
+    add_model_argument(p, "the base model the adapter was trained on")
     p.add_argument("--adapter", required=True, help="the adapter folder (cura or PEFT)")
     p.add_argument("--output", required=True, help="the folder to write the merged model to")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=DEFAULT_DTYPE, help="weight dtype on disk")
@@ -31,6 +31,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    args.model = model_source(args)
     from cura.export import merge
 
     merge(
