@@ -26,7 +26,7 @@ DEMO = {
     "lora": {"r": 16, "alpha": 32.0, "dropout": 0.0},  # a 20-step run does not need dropout's regularisation
     "lr": 1e-3,
     "warmup_steps": 3,
-    "max_steps": 20,
+    "max_steps": 30,
     "batch_size": 4,
     "save_every": 10,
     "eval_every": 0,
