@@ -32,12 +32,12 @@ def _fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls) if f.init}
 
 
-def _describe(tp: Any) -> str:
+def describe_type(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in get_args(tp))
+        return " or ".join(describe_type(a) for a in get_args(tp))
     if tp is _NONE:
         return "null"
     return getattr(tp, "__name__", str(tp))
@@ -61,7 +61,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 return coerce(value, arg, key)
             except CuraError as exc:
                 errors.append(exc)
-        raise CuraError(f"config key '{key}' must be {_describe(tp)}, got {value!r}")
+        raise CuraError(f"config key '{key}' must be {describe_type(tp)}, got {value!r}")
     if origin is Literal:
         allowed = get_args(tp)
         if value in allowed:
@@ -190,6 +190,19 @@ def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
         if not isinstance(node, dict):
             raise CuraError(f"config key '{dotted}': '{part}' is not a section")
     node[leaf] = value
+
+
+def field_help(tp: Any, f: dataclasses.Field) -> str:
+    """A flag's help line from its field: the accepted values and the default (from the dataclass)."""
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        return describe_type(tp)
+    if isinstance(default, tuple):
+        default = ",".join(map(str, default)) or "none"
+    return f"{describe_type(tp)}; default {default}"
 
 
 def leaf_fields(cls, prefix: str = "") -> list[tuple[str, Any, dataclasses.Field]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from cura.cli import SUBCOMMANDS
-from cura.config import from_dict, leaf_fields, load_yaml, set_path
+from cura.config import field_help, from_dict, leaf_fields, load_yaml, set_path
 
 # short flag -> config key
 ALIASES = {
@@ -64,14 +64,18 @@ def register(sub) -> None:
         help="shrink batch size / sequence length so the run fits in MEMORY (e.g. 12GB or a GPU name)",
     )
     taken = set(ALIASES)
-    for key, tp, _f in leaf_fields(TrainConfig):
+    for key, tp, f in leaf_fields(TrainConfig):
         if key in taken:
             continue
         flag = "--" + key.replace("_", "-")
-        kind = getattr(tp, "__name__", str(tp))
         extra = {"nargs": "?", "const": "true"} if tp is bool else {}
         p.add_argument(
-            flag, dest=f"cfg:{key}", default=argparse.SUPPRESS, metavar="VALUE", help=f"({kind})", **extra
+            flag,
+            dest=f"cfg:{key}",
+            default=argparse.SUPPRESS,
+            metavar="VALUE",
+            help=field_help(tp, f),
+            **extra,
         )
     p.set_defaults(func=run)
 
