@@ -37,6 +37,17 @@ def make_tiny():
     return tiny_model
 
 
+@pytest.fixture(scope="module")
+def eager_bitsandbytes():
+    """bitsandbytes wraps its reference dequantizer in torch.compile (seconds per new shape); run eagerly."""
+    import torch._dynamo
+
+    previous = torch._dynamo.config.disable
+    torch._dynamo.config.disable = True
+    yield
+    torch._dynamo.config.disable = previous
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -13,16 +13,7 @@ from bnb_ref import float_path
 from cura.nn import Linear4bit, dequantize_model, quantize_model
 from cura.quant import dequantize
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _eager_bitsandbytes():
-    """bitsandbytes wraps its reference dequantizer in torch.compile (seconds per new shape); run eagerly."""
-    import torch._dynamo
-
-    previous = torch._dynamo.config.disable
-    torch._dynamo.config.disable = True
-    yield
-    torch._dynamo.config.disable = previous
+pytestmark = pytest.mark.usefixtures("eager_bitsandbytes")
 
 
 def _layer(out_features=48, in_features=80, bias=True, seed=0, **kwargs):

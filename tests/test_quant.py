@@ -22,15 +22,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SHAPES = ((37, 29), (3,), (5, 300))  # odd numel, tiny, a short last block (1536x1024 below: exact blocks)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _eager_bitsandbytes():
-    """bitsandbytes wraps its reference dequantizer in torch.compile (seconds per new shape); run eagerly."""
-    import torch._dynamo
-
-    previous = torch._dynamo.config.disable
-    torch._dynamo.config.disable = True
-    yield
-    torch._dynamo.config.disable = previous
+pytestmark = pytest.mark.usefixtures("eager_bitsandbytes")
 
 
 @pytest.fixture(params=["kernels", "reference"])

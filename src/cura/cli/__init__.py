@@ -36,6 +36,55 @@ def add_model_argument(
     )
 
 
+def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the base is loaded for inference: `--no-quantize`, `--dtype`."""
+    from cura.hardware import COMPUTE_DTYPES
+
+    parser.add_argument("--no-quantize", action="store_true", help="load the base in full precision")
+    parser.add_argument(
+        "--dtype", default="auto", choices=COMPUTE_DTYPES, help="compute dtype (auto: bf16 if native)"
+    )
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """`--system`, `--max-new-tokens`, `--temperature`, `--top-p` for generate and chat."""
+    parser.add_argument("--system", default=None, help="a system message")
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+
+
+def add_check_arguments(
+    parser: argparse.ArgumentParser, skip_help: str, tolerances: dict[str, float], per: str
+) -> None:
+    """`--no-check` and `--tolerance` of the parity checks that merge and export run on what they wrote."""
+    parser.add_argument("--no-check", action="store_true", help=skip_help)
+    defaults = ", ".join(f"{k} {v:g}" for k, v in tolerances.items())
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help=f"max |logit difference| allowed (default per {per}: {defaults})",
+    )
+
+
+def config_settings(args) -> dict:
+    """The run settings as nested plain data: the YAML file (`args.config`), then every `cfg:KEY` flag,
+    then each `--set KEY=VALUE` (later ones win). Validation is the config dataclasses' job."""
+    from cura.config import load_yaml, set_path
+
+    data: dict = load_yaml(args.config) if args.config else {}
+    for name, value in vars(args).items():
+        if name.startswith("cfg:"):
+            set_path(data, name[4:], value)
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CuraError(f"--set expects KEY=VALUE (e.g. --set lora.r=8), got {item!r}")
+        set_path(data, key.strip(), value)
+    return data
+
+
 def model_source(args) -> str:
     """`--model` as given, else the base model recorded in `--adapter`'s adapter_config.json, else the
     bundled model; says which when it was not given."""

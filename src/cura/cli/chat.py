@@ -5,8 +5,13 @@ from __future__ import annotations
 import sys
 import threading
 
-from cura.cli import SUBCOMMANDS, add_model_argument, model_source
-from cura.hardware import COMPUTE_DTYPES
+from cura.cli import (
+    SUBCOMMANDS,
+    add_loading_arguments,
+    add_model_argument,
+    add_sampling_arguments,
+    model_source,
+)
 
 HELP = "commands: /reset clears the conversation, /exit (or Ctrl-D) quits"
 
@@ -15,14 +20,8 @@ def register(sub) -> None:
     p = sub.add_parser("chat", help=SUBCOMMANDS["chat"])
     add_model_argument(p)
     p.add_argument("--adapter", default=None, help="an adapter folder (cura or PEFT)")
-    p.add_argument("--system", default=None, help="a system message")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--no-quantize", action="store_true", help="load the base in full precision")
-    p.add_argument(
-        "--dtype", default="auto", choices=COMPUTE_DTYPES, help="compute dtype (auto: bf16 if native)"
-    )
+    add_sampling_arguments(p, max_new_tokens=512)
+    add_loading_arguments(p)
     p.set_defaults(func=run)
 
 

@@ -13,8 +13,8 @@ import argparse
 import json
 import sys
 
-from cura.cli import SUBCOMMANDS
-from cura.config import from_dict, load_yaml, set_path
+from cura.cli import SUBCOMMANDS, config_settings
+from cura.config import from_dict
 from cura.errors import CuraError
 
 # flag -> TrainConfig key (the defaults come from TrainConfig; none is restated here)
@@ -76,15 +76,7 @@ def register(sub) -> None:
 
 def settings_from_args(args) -> tuple[dict, str | None]:
     """(TrainConfig data, method override) from the YAML file, the flags and --set."""
-    data: dict = load_yaml(args.config) if args.config else {}
-    for name, value in vars(args).items():
-        if name.startswith("cfg:"):
-            set_path(data, name[4:], value)
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise CuraError(f"--set expects KEY=VALUE, got {item!r}")
-        set_path(data, key.strip(), value)
+    data = config_settings(args)
     method = data.pop("method", None)
     if method is not None and method not in ("full", "lora", "qlora"):
         raise CuraError(f"--method must be full, lora or qlora, got {method!r}")

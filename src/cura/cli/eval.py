@@ -7,8 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from cura.cli import SUBCOMMANDS, add_model_argument, model_source
-from cura.hardware import COMPUTE_DTYPES
+from cura.cli import SUBCOMMANDS, add_loading_arguments, add_model_argument, model_source
 
 
 def register(sub) -> None:
@@ -44,10 +43,7 @@ def register(sub) -> None:
     p.add_argument("--compare", action="store_true", help="base vs --adapter (or --adapter vs --adapter-b)")
     p.add_argument("--output", default=None, help="report folder (default with --compare: eval-<timestamp>)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--no-quantize", action="store_true", help="load the base in full precision")
-    p.add_argument(
-        "--dtype", default="auto", choices=COMPUTE_DTYPES, help="compute dtype (auto: bf16 if native)"
-    )
+    add_loading_arguments(p)
     p.set_defaults(func=run)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cura.cli import SUBCOMMANDS, add_model_argument, model_source
+from cura.cli import SUBCOMMANDS, add_check_arguments, add_model_argument, model_source
 
 
 def register(sub) -> None:
@@ -15,15 +15,7 @@ def register(sub) -> None:
     g.add_argument("--adapter", default=None, help="an adapter folder to merge in first")
     g.add_argument("--output", required=True, help="the .gguf file to write")
     g.add_argument("--type", dest="out_type", choices=OUT_TYPES, default="f16", help="tensor type")
-    g.add_argument("--no-check", action="store_true", help="skip reading the file back with transformers")
-    g.add_argument(
-        "--tolerance",
-        type=float,
-        default=None,
-        help="max |logit difference| allowed on read-back (default per type: "
-        + ", ".join(f"{k} {v:g}" for k, v in TOLERANCES.items())
-        + ")",
-    )
+    add_check_arguments(g, "skip reading the file back with transformers", TOLERANCES, "type")
     g.set_defaults(func=run_gguf)
 
 

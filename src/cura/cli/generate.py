@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from cura.cli import SUBCOMMANDS, add_model_argument, model_source
-from cura.hardware import COMPUTE_DTYPES
+from cura.cli import (
+    SUBCOMMANDS,
+    add_loading_arguments,
+    add_model_argument,
+    add_sampling_arguments,
+    model_source,
+)
 
 
 def register(sub) -> None:
@@ -11,15 +16,9 @@ def register(sub) -> None:
     add_model_argument(p)
     p.add_argument("--adapter", default=None, help="an adapter folder (cura or PEFT)")
     p.add_argument("--prompt", required=True, help="the user message")
-    p.add_argument("--system", default=None, help="a system message")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
+    add_sampling_arguments(p, max_new_tokens=256)
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    p.add_argument("--no-quantize", action="store_true", help="load the base in full precision")
-    p.add_argument(
-        "--dtype", default="auto", choices=COMPUTE_DTYPES, help="compute dtype (auto: bf16 if native)"
-    )
+    add_loading_arguments(p)
     p.set_defaults(func=run)
 
 

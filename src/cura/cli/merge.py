@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cura.cli import SUBCOMMANDS, add_model_argument, model_source
+from cura.cli import SUBCOMMANDS, add_check_arguments, add_model_argument, model_source
 
 
 def register(sub) -> None:
@@ -18,15 +18,7 @@ def register(sub) -> None:
         action="store_true",
         help="re-quantize the merged model (bitsandbytes 4-bit layout)",
     )
-    p.add_argument("--no-check", action="store_true", help="skip the logits parity check")
-    p.add_argument(
-        "--tolerance",
-        type=float,
-        default=None,
-        help="max |logit difference| allowed (default per dtype: "
-        + ", ".join(f"{k} {v:g}" for k, v in TOLERANCES.items())
-        + ")",
-    )
+    add_check_arguments(p, "skip the logits parity check", TOLERANCES, "dtype")
     p.set_defaults(func=run)
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from cura.cli import SUBCOMMANDS
-from cura.config import field_help, from_dict, leaf_fields, load_yaml, set_path
+from cura.cli import SUBCOMMANDS, config_settings
+from cura.config import field_help, from_dict, leaf_fields, set_path
 
 # short flag -> config key
 ALIASES = {
@@ -85,15 +85,7 @@ def build_config(args):
     from cura.errors import CuraError
     from cura.train.config import TrainConfig
 
-    data: dict = load_yaml(args.config) if args.config else {}
-    for name, value in vars(args).items():
-        if name.startswith("cfg:"):
-            set_path(data, name[4:], value)
-    for item in args.overrides:
-        if "=" not in item:
-            raise CuraError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        set_path(data, key.strip(), value)
+    data = config_settings(args)
     if args.fields:
         mapping = {}
         for item in args.fields:
