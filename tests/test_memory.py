@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -569,7 +571,7 @@ def predicted_and_measured(source: str, settings: dict) -> tuple[int, int]:
     from cura.memory.measure import measure_in_subprocess
     from cura.train import TrainConfig
 
-    settings = {"threads": 2, **settings}
+    settings = {"threads": 2, "cpu_malloc": "tight", **settings}
     config = from_dict(TrainConfig, settings)
     predicted = plan(shape_from_source(source), spec_from_config(config, "cpu")).peak_bytes
     return predicted, measure_in_subprocess(source, settings, steps=2).peak_increase
@@ -606,3 +608,62 @@ def test_predicted_peak_of_the_bundled_model_is_within_10_percent(smollm2_gguf):
         "smollm2-135m", {"batch_size": 2, "data": {"max_length": 256}}
     )
     assert abs(predicted - measured) / measured < 0.10, (predicted / MiB, measured / MiB)
+
+
+# --------------------------------------------------------------------------- CPU allocator (cpu_malloc)
+
+
+def test_cpu_malloc_choice():
+    from cura.memory.allocator import FAST_RETENTION, choose_malloc
+
+    gib = 2**30
+    assert choose_malloc("tight", None, None).tight
+    assert not choose_malloc("fast", 100 * gib, gib).tight
+    assert not choose_malloc("auto", gib, int(FAST_RETENTION * gib)).tight
+    tight = choose_malloc("auto", gib, int(FAST_RETENTION * gib) - 1)
+    assert tight.tight and "cpu_malloc=fast" in tight.why
+    assert not choose_malloc("auto", None, gib).tight  # unknown shape: glibc's default
+    assert not choose_malloc("auto", gib, None).tight  # unknown free memory
+
+
+def test_bad_cpu_malloc_is_a_config_error():
+    from cura.config import from_dict
+    from cura.train import TrainConfig
+
+    with pytest.raises(CuraError, match="cpu_malloc"):
+        from_dict(TrainConfig, {"cpu_malloc": "small"})
+
+
+RETENTION_SCRIPT = """
+import sys, torch
+from cura.memory.measure import proc_status
+from cura.train import TrainConfig
+from cura.train.autofit import apply_cpu_malloc
+
+print(apply_cpu_malloc(TrainConfig(cpu_malloc=sys.argv[1]), lambda m: None))
+x = torch.ones(4 << 20, dtype=torch.uint8)
+del x  # a mapped block freed: glibc's default raises its threshold
+before = proc_status()["VmRSS"]
+big, small = [], []
+for _ in range(64):  # 64 x 4 MiB between small live tensors, as activations lie between gradients
+    big.append(torch.ones(4 << 20, dtype=torch.uint8))
+    small.append(torch.ones(64 << 10, dtype=torch.uint8))
+big.clear()
+print((proc_status()["VmRSS"] - before) >> 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc and /proc are Linux's")
+def test_tight_cpu_malloc_returns_freed_tensors_to_the_system():
+    """Real processes: with cpu_malloc=tight, 256 MiB of freed tensors leave RSS; with glibc's default they
+    stay resident (what FAST_RETENTION allows for)."""
+    retained = {}
+    for mode in ("tight", "fast"):
+        done = subprocess.run(
+            [sys.executable, "-c", RETENTION_SCRIPT, mode], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        pinned, mib = done.stdout.split()
+        retained[mode] = (pinned, int(mib))
+    assert retained["tight"][0] == "True" and retained["tight"][1] < 16, retained
+    assert retained["fast"][0] == "False" and retained["fast"][1] > 200, retained

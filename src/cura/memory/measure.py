@@ -2,7 +2,7 @@
 
 Each measurement runs in a fresh Python process (`measure_in_subprocess`), so the numbers are that run's own:
 
-    fix glibc's mmap threshold (`cura.memory.allocator`; pin_malloc=False keeps glibc's default)
+    choose glibc's allocator mode as `cura train` does (the config's cpu_malloc, `cura.memory.allocator`)
     import torch, transformers, cura (and the model's transformers class)   -> baseline
     build the model exactly as `cura.train` does: 4-bit base (or full precision), LoRA, checkpointing,
     the run's optimizer                                                       -> setup
@@ -24,7 +24,6 @@ import time
 from dataclasses import asdict, dataclass
 
 from cura.config import from_dict
-from cura.memory.allocator import pin_mmap_threshold
 
 _STATUS_KEYS = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
 
@@ -98,11 +97,9 @@ def _import_model_class(folder) -> None:
     AutoModelForCausalLM._model_mapping[type(config)]
 
 
-def measure_steps(
-    source: str, config, *, steps: int = 3, device: str = "cpu", pin_malloc: bool = True
-) -> Measurement:
+def measure_steps(source: str, config, *, steps: int = 3, device: str = "cpu") -> Measurement:
     """Build `source` as `cura.train` does for `config` (a TrainConfig) and run `steps` optimizer steps;
-    call it in a fresh process. `pin_malloc` fixes glibc's mmap threshold first (`cura.memory.allocator`)."""
+    call it in a fresh process. On a CPU, config.cpu_malloc decides glibc's allocator mode as in a run."""
     import torch
     from torch.optim.lr_scheduler import LambdaLR
 
@@ -110,12 +107,13 @@ def measure_steps(
     from cura.hardware import resolve_compute_dtype
     from cura.models.loading import QuantSpec, hf_folder, load_checkpoint
     from cura.models.sources import resolve_source
+    from cura.train.autofit import apply_cpu_malloc
     from cura.train.loop import make_optimizer, optimizer_step
     from cura.train.steps import enable_activation_checkpointing
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    pinned = pin_mmap_threshold() if pin_malloc else False
+    pinned = apply_cpu_malloc(config, say=lambda message: None) if device == "cpu" else False
     folder = hf_folder(*resolve_source(source))
     _import_model_class(folder)
     on_cuda = device == "cuda"
@@ -162,17 +160,15 @@ def measure_in_subprocess(
     *,
     steps: int = 3,
     device: str = "cpu",
-    pin_malloc: bool = True,
     timeout: float = 600,
 ) -> Measurement:
     """`measure_steps` in a fresh `python -m cura.memory.measure` process; `settings` are TrainConfig keys
-    as nested plain data (e.g. {"batch_size": 2, "data": {"max_length": 256}})."""
+    as nested plain data (e.g. {"batch_size": 2, "cpu_malloc": "tight", "data": {"max_length": 256}})."""
     request = {
         "source": source,
         "settings": settings,
         "steps": steps,
         "device": device,
-        "pin_malloc": pin_malloc,
     }
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(
@@ -199,7 +195,6 @@ def _main(argv: list[str]) -> int:
         config,
         steps=request["steps"],
         device=request["device"],
-        pin_malloc=request["pin_malloc"],
     )
     print(json.dumps(asdict(result)))
     return 0

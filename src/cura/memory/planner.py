@@ -55,7 +55,8 @@ class PlanSpec:
     `lora_targets` is "all-linear" or module names (q_proj, ..., down_proj). `packing` means batches carry a
     (B, 1, T, T) attention mask (packed rows or padding), which also makes attention repeat K/V heads.
     `device` is "cuda" (GPU memory: what `torch.cuda.max_memory_allocated` counts, plus the CUDA context)
-    or "cpu" (the process's resident memory, RSS, with glibc's mmap threshold fixed: `cura.memory.allocator`).
+    or "cpu" (the process's resident memory, RSS, with glibc's mmap threshold fixed as `cura train` does with
+    cpu_malloc=tight; glibc's default may hold up to FAST_RETENTION times more: `cura.memory.allocator`).
     """
 
     method: Method

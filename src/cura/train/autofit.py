@@ -1,4 +1,5 @@
-"""`cura train --auto-fit 12GB`: change the fewest, cheapest settings so the run's planned peak fits.
+"""`cura train --auto-fit 12GB`: change the fewest, cheapest settings so the run's planned peak fits; and
+on a CPU, glibc's allocator mode for the run (`cpu_malloc`, `cura.memory.allocator`).
 
 The plan is `cura.memory`'s for this config on the device the run will use; the changes are
 `cura.memory.fit`'s, in its order (checkpointing, bfloat16, paged / 8-bit optimizer, loss chunks, 4-bit
@@ -13,7 +14,7 @@ from collections.abc import Callable
 
 from cura.config import from_dict, set_path
 from cura.errors import CuraError
-from cura.memory import fit, format_bytes, resolve_memory, shape_from_source, spec_from_config
+from cura.memory import fit, format_bytes, plan, resolve_memory, shape_from_source, spec_from_config
 from cura.memory.fit import Change, FitResult
 from cura.memory.report import config_key
 from cura.train.config import TrainConfig
@@ -75,3 +76,28 @@ def auto_fit(config: TrainConfig, memory: str, *, say: Callable[[str], None] = _
         return config
     say(describe(config, result, budget.label))
     return from_dict(TrainConfig, config_changes(config, result.changes), base=config)
+
+
+def apply_cpu_malloc(config: TrainConfig, say: Callable[[str], None] = _say) -> bool:
+    """Fix glibc's mmap threshold when config.cpu_malloc says so, or (auto) when glibc's default retention
+    might not fit in the memory available (`cura.memory.allocator`); True when fixed."""
+    import torch
+
+    from cura.hardware import native_bf16
+    from cura.memory.allocator import available_memory, choose_malloc, pin_mmap_threshold
+
+    peak = None
+    if config.cpu_malloc == "auto":
+        try:
+            spec = spec_from_config(config, "cpu", native_bf16=native_bf16(torch.device("cpu")))
+            peak = plan(shape_from_source(config.model), spec).peak_bytes
+        except CuraError:
+            peak = None  # a source the planner cannot read the shape of: keep glibc's default
+    choice = choose_malloc(config.cpu_malloc, peak, available_memory())
+    if choice.tight:
+        pinned = pin_mmap_threshold()
+        say(choice.why if pinned else f"{choice.why}; not possible here (not glibc), glibc's default kept")
+        return pinned
+    if config.cpu_malloc == "auto" and peak is not None:
+        say(choice.why)
+    return False

@@ -19,6 +19,7 @@ Method = Literal["qlora", "lora"]
 Optimizer = Literal["paged_adamw", "paged_adamw_8bit", "adamw"]
 Schedule = Literal["cosine", "constant", "linear"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+Malloc = Literal["auto", "fast", "tight"]
 
 
 @dataclass
@@ -58,6 +59,9 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False  # allow training into a non-empty output folder without --resume
     threads: int = 0  # CPU threads for torch; 0: all cores
+    # CPU runs: tight makes RSS follow `cura estimate` (freed tensors go back to the system, steps up to 1.9x
+    # slower); fast keeps glibc's default malloc (may hold up to 3x); auto: fast unless that might not fit
+    cpu_malloc: Malloc = "auto"
     progress: bool = True
 
     def __post_init__(self) -> None:

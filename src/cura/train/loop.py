@@ -32,6 +32,7 @@ from cura.hardware import default_device, resolve_compute_dtype
 from cura.models import load_model, load_tokenizer
 from cura.nn import Linear4bit
 from cura.optim import PagedAdamW
+from cura.train.autofit import apply_cpu_malloc
 from cura.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
 from cura.train.config import TrainConfig
 from cura.train.report import MetricsLog, human_bytes, plot_losses, write_summary
@@ -196,6 +197,8 @@ def train(config: TrainConfig, *, hooks: TrainHooks | None = None, say: Say = _s
         torch.set_num_threads(config.threads)
     device = default_device()
     compute_dtype = resolve_compute_dtype(config.compute_dtype, device)
+    if device.type == "cpu":
+        apply_cpu_malloc(config, say)
 
     # 1. data first: a bad row stops the run before a model is loaded or a file is written
     tokenizer = load_tokenizer(config.model)
