@@ -541,6 +541,16 @@ def test_cli_estimate_json(capsys):
     assert data["fit"]["budget_bytes"] == 24564 * MiB
 
 
+def test_cli_estimate_takes_train_spellings_of_keys(capsys):
+    """`cura train`'s flags work here too: --lora.r is --r, --data.max-length is --seq-len."""
+    args = ["estimate", "--model", "llama-7b", "--device", "cpu", "--json"]
+    assert main([*args, "--lora.r", "64", "--data.max-length", "512"]) == 0
+    settings = json.loads(capsys.readouterr().out)["plan"]["settings"]
+    assert (settings["lora_r"], settings["seq_len"]) == (64, 512)
+    assert main([*args, "--r", "64", "--seq-len", "512"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"]["settings"] == settings
+
+
 @pytest.mark.parametrize(
     "args, message",
     [(["--model", "llama-9b"], "unknown model 'llama-9b'"),

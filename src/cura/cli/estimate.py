@@ -51,8 +51,11 @@ def register(sub) -> None:
             if key in ("double_quant", "gradient_checkpointing", "data.packing")
             else {}
         )
+        names = [f"--{flag.replace('_', '-')}"]
+        if key != flag:  # also `cura train`'s spelling of the key, e.g. --lora.r
+            names.append(f"--{key.replace('_', '-')}")
         p.add_argument(
-            f"--{flag.replace('_', '-')}",
+            *names,
             dest=f"cfg:{key}",
             default=argparse.SUPPRESS,
             metavar="VALUE",
