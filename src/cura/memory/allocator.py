@@ -5,7 +5,7 @@ and everything below it from heaps that keep freed memory for reuse. The thresho
 dynamic: freeing a mapped block raises it to that block's size (up to 32 MiB), so after the first training
 step the many (N, H) and (N, I) activation tensors of a few MiB come from the heaps, and the freed ones stay
 resident. Measured over the 14 configurations of bench/memory.py (bench/results/memory-fast.json): peak RSS
-1.0x to 2.6x the planned peak of live tensors in one run, up to 2.9x in another, and not reproducible from
+0.93x to 2.6x the planned peak of live tensors in one run, up to 2.9x in another, and not reproducible from
 run to run (the bundled model with float32 compute: 2.6 GiB in one run, 2.0 GiB in the next).
 
 Setting the threshold explicitly (mallopt M_MMAP_THRESHOLD, or the MALLOC_MMAP_THRESHOLD_ environment
@@ -31,6 +31,11 @@ DEFAULT_THRESHOLD = 128 * 1024  # glibc's initial value, now fixed
 FAST_RETENTION = 3.0
 """Peak RSS with glibc's default malloc, as a multiple of the planned peak: the worst measured was 2.86x
 (bench/memory.py --malloc fast, the bundled model with float32 compute; 2.59x in the run on file)."""
+
+
+def fast_malloc_bound(planned_peak: int) -> int:
+    """The most a CPU run with glibc's default malloc (cpu_malloc=fast) is allowed for: FAST_RETENTION x plan."""
+    return int(FAST_RETENTION * planned_peak)
 
 
 def pin_mmap_threshold(threshold: int = DEFAULT_THRESHOLD) -> bool:
@@ -71,7 +76,7 @@ def choose_malloc(mode: str, planned_peak: int | None, available: int | None) ->
     if planned_peak is None or available is None:
         return MallocChoice(False, "cpu_malloc=auto: fast (no plan or no memory figure to check against)")
     gib = 2**30
-    bound = FAST_RETENTION * planned_peak
+    bound = fast_malloc_bound(planned_peak)
     if bound <= available:
         return MallocChoice(
             False,

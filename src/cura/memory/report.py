@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from cura.memory.allocator import FAST_RETENTION
+from cura.memory.allocator import fast_malloc_bound
 from cura.memory.devices import COMMON_SIZES_GB, GiB, format_bytes
 from cura.memory.fit import FitResult
 from cura.memory.planner import MemoryPlan
@@ -63,8 +63,8 @@ def format_plan(p: MemoryPlan) -> str:
         lines.append(f"  {'host memory':<{width}}  {format_bytes(p.host_bytes):>10}  paged optimizer state")
     if p.spec.device == "cpu":
         lines.append(
-            f"  {'cpu_malloc=fast':<{width}}  {format_bytes(FAST_RETENTION * p.peak_bytes):>10}  at most "
-            f"(glibc's default malloc keeps freed memory: 1.0-{FAST_RETENTION:g}x measured); the peak above "
+            f"  {'cpu_malloc=fast':<{width}}  {format_bytes(fast_malloc_bound(p.peak_bytes)):>10}  allowed for "
+            "(glibc's default malloc keeps freed memory: up to 2.9x measured); the peak above "
             "holds with cpu_malloc=tight, which `cura train` picks when needed"
         )
     lines += ["", fits_line(p), "", "rules of thumb (not this plan; shown for comparison):"]
@@ -114,7 +114,7 @@ def plan_to_dict(p: MemoryPlan) -> dict:
         "phases_bytes": p.phases,
         "host_bytes": p.host_bytes,
         # CPU: the most glibc's default malloc may hold (cpu_malloc=fast); the peak holds with cpu_malloc=tight
-        "cpu_malloc_fast_bytes": int(FAST_RETENTION * p.peak_bytes) if p.spec.device == "cpu" else None,
+        "cpu_malloc_fast_bytes": fast_malloc_bound(p.peak_bytes) if p.spec.device == "cpu" else None,
         "fits_gb": {str(gb): p.fits(gb * GiB) for gb in COMMON_SIZES_GB},
         "rules_of_thumb": {
             r.name: {"bytes": r.bytes, "formula": r.formula} for r in rules_of_thumb(p.shape.total_params)

@@ -81,15 +81,13 @@ def auto_fit(config: TrainConfig, memory: str, *, say: Callable[[str], None] = _
 def apply_cpu_malloc(config: TrainConfig, say: Callable[[str], None] = _say) -> bool:
     """Fix glibc's mmap threshold when config.cpu_malloc says so, or (auto) when glibc's default retention
     might not fit in the memory available (`cura.memory.allocator`); True when fixed."""
-    import torch
-
     from cura.hardware import native_bf16
     from cura.memory.allocator import available_memory, choose_malloc, pin_mmap_threshold
 
     peak = None
     if config.cpu_malloc == "auto":
         try:
-            spec = spec_from_config(config, "cpu", native_bf16=native_bf16(torch.device("cpu")))
+            spec = spec_from_config(config, "cpu", native_bf16=native_bf16("cpu"))
             peak = plan(shape_from_source(config.model), spec).peak_bytes
         except CuraError:
             peak = None  # a source the planner cannot read the shape of: keep glibc's default
