@@ -20,7 +20,6 @@ output is counted as the float32 it stands for). Writes ``bench/results/quant.js
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import bitsandbytes.functional as bnbf
 import torch
 
+from cura.hardware import describe_machine
 from cura.quant import kernels, quantize
 from cura.quant.tensor import dequantize_with, quantize_with
 
@@ -173,10 +173,8 @@ def main() -> None:
         },
         "repeats": args.repeats,
         "machine": {
-            "torch": torch.__version__,
+            **describe_machine(),
             "threads": torch.get_num_threads(),
-            "cpus": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
             "kernels": "avx512" if lib.cura_simd() else "portable C",
             "load_average_1min": os.getloadavg()[0],
         },

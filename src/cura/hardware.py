@@ -60,3 +60,53 @@ def resolve_compute_dtype(name: str | torch.dtype, device: torch.device | str) -
     if name not in COMPUTE_DTYPES:
         raise ValueError(f"compute dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {name!r}")
     return getattr(torch, name)
+
+
+# the instruction-set flags that decide CPU speed (Linux /proc/cpuinfo names)
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name (`/proc/cpuinfo`), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_machine() -> dict:
+    """What a benchmark or a timing ran on, so numbers from different machines are never compared as one:
+    CPU model and the flags that decide its speed, cores, the SIMD level PyTorch's kernels use, whether bf16
+    is native, the compute dtype `auto` picks, and the GPU if any."""
+    import os
+
+    flags = _cpu_flags()
+    cpu = torch.device("cpu")
+    out = {
+        "cpu": cpu_model_name(),
+        "cpu_flags": [f for f in CPU_FEATURES if f in flags],
+        "cpu_kind": cpu_kind(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16_cpu": native_bf16(cpu),
+        "compute_dtype_auto": str(resolve_compute_dtype("auto", default_device())).removeprefix("torch."),
+        "platform": platform.platform(),
+    }
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
+
+
+def cpu_kind() -> str:
+    """One word for the class of CPU the README quotes times for: 'bf16' (AVX512-BF16 or AMX: bfloat16
+    compute), 'avx512' (float32 with AVX-512), 'avx2' (float32 with AVX2 only), or 'other'."""
+    flags = _cpu_flags()
+    if native_bf16("cpu"):
+        return "bf16"
+    if "avx512f" in flags:
+        return "avx512"
+    return "avx2" if "avx2" in flags else "other"

@@ -9,6 +9,7 @@ subcommand calls the same public functions a Python user would.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 
@@ -106,13 +107,39 @@ def model_source(args) -> str:
     return BUNDLED_NAME
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse without prefix matching: `--max-step 10` is an error with a suggestion, never silently
+    taken as `--max-steps` (or as whichever flag happens to share the prefix)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+
+def unknown_flags_message(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """One sentence for arguments no option took, with the nearest real flag for each unknown one."""
+    known = [o for o in parser._option_string_actions if o.startswith("--")]
+    hints = []
+    for arg in extras:
+        if arg.startswith("--"):
+            flag = arg.split("=", 1)[0]
+            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+            hints.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
+    if not hints:
+        return f"unexpected argument{'s' if len(extras) > 1 else ''}: {' '.join(extras)}"
+    return (
+        f"unknown option{'s' if len(hints) > 1 else ''} {', '.join(hints)}; "
+        f"'cura {parser.prog.split()[-1]} --help' lists them"
+    )
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser, with `command`'s full subparser (its module imported) and a summary line for the rest."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="cura",
         description="Fine-tune large language models on the hardware you have (QLoRA).",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name, summary in SUBCOMMANDS.items():
         if name == command:
             importlib.import_module(f"cura.cli.{name}").register(sub)
@@ -127,7 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["train"]  # the demo: `cura` alone runs the default fine-tune
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command)
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        subparsers = parser._subparsers._group_actions[0].choices if parser._subparsers else {}
+        target = subparsers.get(getattr(args, "command", None), parser)
+        print(f"error: {unknown_flags_message(target, extras)}", file=sys.stderr)
+        return 2
     if not hasattr(args, "func"):
         parser.print_help()
         return 2

@@ -2,6 +2,7 @@
 
     cura estimate --model llama-3-8b --method qlora --seq-len 2048 --fit 12GB
     cura estimate run.yaml --device cpu --json
+    cura estimate --list                      # the model names it knows
 
 The settings are `cura train`'s (a YAML file, the flags below, `--set KEY=VALUE`), with its defaults; the
 model is a known name, a model folder, a config.json or a .gguf (only its header is read).
@@ -74,7 +75,25 @@ def register(sub) -> None:
         "--fit", metavar="MEMORY", default=None, help="a size (12GB, 24GiB) or a GPU name (rtx-4090)"
     )
     p.add_argument("--json", action="store_true", help="print the plan (and fit) as JSON")
+    p.add_argument("--list", action="store_true", help="list the model names --model knows, and exit")
     p.set_defaults(func=run)
+
+
+def list_models() -> str:
+    """The known model names with their sizes, one per line (the table in cura.memory.shapes)."""
+    from cura.memory.shapes import KNOWN_SHAPES
+
+    lines = [f"{'name':18}{'params':>9}{'layers':>8}{'hidden':>8}{'heads':>7}{'kv':>4}{'vocab':>8}"]
+    for name in sorted(KNOWN_SHAPES):
+        s = KNOWN_SHAPES[name]
+        lines.append(
+            f"{name:18}{s.total_params / 1e9:>8.2f}B{s.num_layers:>8}{s.hidden_size:>8}{s.num_heads:>7}"
+            f"{s.num_kv_heads:>4}{s.vocab_size:>8}"
+        )
+    lines.append(
+        "any other model: give its folder, its config.json or a .gguf file (only the header is read)"
+    )
+    return "\n".join(lines)
 
 
 def settings_from_args(args) -> tuple[dict, str | None]:
@@ -93,6 +112,9 @@ def run(args) -> int:
     from cura.memory.report import fit_to_dict, format_fit, format_plan, plan_to_dict
     from cura.train.config import TrainConfig
 
+    if args.list:
+        print(list_models())
+        return 0
     data, method = settings_from_args(args)
     config = from_dict(TrainConfig, data)
     budget = resolve_memory(args.fit) if args.fit else None

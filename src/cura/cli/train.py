@@ -22,14 +22,31 @@ ALIASES = {
 }
 
 
+DESCRIPTION = """Fine-tune a model with QLoRA (a frozen 4-bit NF4 base, LoRA adapters on every linear layer).
+
+With no config and no --data it runs the demo: the bundled SmolLM2-135M-Instruct learns a fixed JSON
+answer format, and its answers before and after are shown.
+
+examples:
+  cura train                                          # the demo (a few minutes on 2 CPU cores)
+  cura train --data my.jsonl --output runs/mine       # your data on the bundled model
+  cura train --model path/to/model --data chats.jsonl --lora.r 32 --lr 1e-4 --max-steps 500
+  cura train run.yaml --batch-size 2                  # a YAML file of the keys below; flags win
+  cura train --data my.jsonl --auto-fit 12GB          # shrink batch / sequence to fit 12 GB
+  cura train --data my.jsonl --output runs/mine --resume   # continue an interrupted run
+
+Every key of the run's config is a flag below ('--lora.r 8' is the key lora.r); 'cura estimate' takes the
+same flags and prints the memory a run needs before you start it."""
+
+
 def register(sub) -> None:
     from cura.train.config import TrainConfig
 
     p = sub.add_parser(
         "train",
         help=SUBCOMMANDS["train"],
-        description="Fine-tune a model with QLoRA. With no config and no --data, runs the demo: the bundled "
-        "SmolLM2-135M-Instruct learns a fixed JSON answer format, and its answers before and after are shown.",
+        usage="cura train [CONFIG.yaml] [--KEY VALUE ...]",
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", nargs="?", help="a YAML file with any of the keys below (flags override it)")
@@ -39,7 +56,7 @@ def register(sub) -> None:
             dest=f"cfg:{key}",
             default=argparse.SUPPRESS,
             metavar="VALUE",
-            help=f"alias of --{key}",
+            help=f"same as --{key.replace('_', '-')}",
         )
     p.add_argument(
         "--field",
@@ -77,6 +94,9 @@ def register(sub) -> None:
             help=field_help(tp, f),
             **extra,
         )
+    p.add_argument(  # the demo only: how many held-out prompts it scores (CI runs a short demo)
+        "--demo-prompts", type=int, default=None, help=argparse.SUPPRESS
+    )
     p.set_defaults(func=run)
 
 
@@ -111,7 +131,7 @@ def run(args) -> int:
     if is_demo:
         from cura.demo import run_demo
 
-        return run_demo(config)
+        return run_demo(config, **({"prompts_scored": args.demo_prompts} if args.demo_prompts else {}))
     from cura.train import train
 
     result = train(config)

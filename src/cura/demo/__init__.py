@@ -19,6 +19,7 @@ TRAIN_FILE = HERE / "orders_train.jsonl"
 EVAL_FILE = HERE / "orders_eval.jsonl"
 SHOWN = 4  # answers printed side by side
 SCORED = 32  # held-out prompts scored for exact match
+ANSWERS_IN_STEPS = 10  # generating the answers after training costs about this many steps
 
 # The demo's settings; anything the user passes on the command line wins.
 DEMO = {
@@ -31,6 +32,18 @@ DEMO = {
     "save_every": 10,
     "eval_every": 0,
 }
+# Where compute is float32 (a CPU without AVX512-BF16/AMX, e.g. AVX2 only) a step costs several times more:
+# the demo trains on shorter batches so that it keeps its few-minute promise (bench/results/demo.json).
+DEMO_FLOAT32: dict[str, Any] = {"batch_size": 2}
+
+
+def float32_compute(compute_dtype: str) -> bool:
+    """True when the run will compute in float32: asked for, or `auto` on hardware without native bf16."""
+    if compute_dtype != "auto":
+        return compute_dtype == "float32"
+    from cura.hardware import default_device, native_bf16
+
+    return not native_bf16(default_device())
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -44,8 +57,9 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 
 def demo_settings(user: dict[str, Any]) -> dict[str, Any]:
-    """The demo's config as plain data, with the user's keys on top."""
-    settings = _merge(DEMO, user)
+    """The demo's config as plain data, with the user's keys on top; lighter where compute is float32."""
+    base = _merge(DEMO, DEMO_FLOAT32) if float32_compute(user.get("compute_dtype", "auto")) else DEMO
+    settings = _merge(base, user)
     settings.setdefault("output_dir", f"cura-runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     return settings
 
@@ -83,29 +97,34 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def run_demo(config) -> int:
+def run_demo(config, prompts_scored: int = SCORED) -> int:
     from cura.generate import generate
     from cura.train import TrainHooks, train
 
-    examples = read_examples(Path(config.data.eval_path or EVAL_FILE), SCORED)
+    examples = read_examples(Path(config.data.eval_path or EVAL_FILE), prompts_scored)
     prompts = [messages for messages, _ in examples]
     before: list[str] = []
 
-    def on_model_ready(model, tokenizer):
-        # LoRA's B starts at zero, so this is exactly the (4-bit) base model
-        print("generating the base model's answers to held-out prompts...", file=sys.stderr, flush=True)
-        before.extend(generate(model, tokenizer, prompts, max_new_tokens=48, batch_size=16))
+    def answers(model, tokenizer, what: str) -> list[str]:
+        say(f"generating the {what} answers to {len(prompts)} held-out prompts...")
+        return generate(model, tokenizer, prompts, max_new_tokens=48, batch_size=8, progress=config.progress)
 
-    print(
+    def on_model_ready(model, tokenizer):
+        before.extend(answers(model, tokenizer, "base model's"))  # LoRA's B starts at zero: the 4-bit base
+
+    def on_step_end(step: int, row: dict[str, Any]) -> None:
+        if step == 1 and row.get("seconds"):
+            say(expected_duration(row["seconds"], config.max_steps))
+
+    say(
         f"cura demo: QLoRA fine-tune of {config.model} to answer orders in one JSON format "
-        f"({config.max_steps} steps; output in {config.output_dir})",
-        file=sys.stderr,
-        flush=True,
+        f"({config.max_steps} steps of {config.batch_size} x {config.data.max_length} tokens, "
+        f"{config.compute_dtype} compute; output in {config.output_dir})"
     )
-    result = train(config, hooks=TrainHooks(on_model_ready=on_model_ready))
+    result = train(config, hooks=TrainHooks(on_model_ready=on_model_ready, on_step_end=on_step_end))
     if not result.get("completed"):
         return 0  # interrupted: train() said how to resume
-    after = generate(result.model, result.tokenizer, prompts, max_new_tokens=48, batch_size=16)
+    after = answers(result.model, result.tokenizer, "fine-tuned model's")
     expected = [answer for _, answer in examples]
     report = demo_report(examples, before, after, result)
     print(report)
@@ -113,6 +132,25 @@ def run_demo(config) -> int:
     em_before = sum(map(exact_match, before, expected)) / len(expected)
     em_after = sum(map(exact_match, after, expected)) / len(expected)
     return 0 if em_after >= em_before else 1
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def expected_duration(first_step_seconds: float, steps: int) -> str:
+    """What the rest of the demo should take, from the first step's time (the steps are alike; the answers
+    after training cost about as much as 10 steps, measured on the bundled model)."""
+    rest = first_step_seconds * (steps - 1 + ANSWERS_IN_STEPS)
+    return (
+        f"first step took {first_step_seconds:.1f} s: the demo should be done in about "
+        f"{_minutes(rest)} ({steps - 1} more steps, then the fine-tuned model's answers)"
+    )
+
+
+def _minutes(seconds: float) -> str:
+    seconds = max(1, round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
 def demo_report(examples, before: list[str], after: list[str], summary: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ gate/up/down): Llama, Mistral, Qwen2, SOLAR and SmolLM2 are exactly that; other 
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ class ModelShape:
     head_dim: int
     tie_word_embeddings: bool
     attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    context_length: int | None = None  # the longest sequence the model was trained for (None: not known)
 
     @property
     def q_dim(self) -> int:
@@ -95,9 +97,11 @@ class ModelShape:
         return self.linear_params + self.other_params
 
 
-def _shape(name, vocab, hidden, inter, layers, heads, kv_heads, head_dim=None, tied=False, bias=False):
+def _shape(
+    name, vocab, hidden, inter, layers, heads, kv_heads, head_dim=None, tied=False, bias=False, context=None
+):
     return ModelShape(
-        name, vocab, hidden, inter, layers, heads, kv_heads, head_dim or hidden // heads, tied, bias
+        name, vocab, hidden, inter, layers, heads, kv_heads, head_dim or hidden // heads, tied, bias, context
     )
 
 
@@ -121,8 +125,37 @@ KNOWN_SHAPES: dict[str, ModelShape] = {
         _shape("qwen2.5-7b", 152064, 3584, 18944, 28, 28, 4, bias=True),
         # upstage/SOLAR-10.7B-v1.0: a 48-layer Llama/Mistral block stack, the ~10B model
         _shape("solar-10.7b", 32000, 4096, 14336, 48, 32, 8),
-        # HuggingFaceTB/SmolLM2-135M-Instruct, the bundled model
-        _shape("smollm2-135m", 49152, 576, 1536, 30, 9, 3, head_dim=64, tied=True),
+        # meta-llama/Meta-Llama-3-70B (3.1-70B, 3.3-70B: same shape), Llama-3.1-405B
+        _shape("llama-3-70b", 128256, 8192, 28672, 80, 64, 8),
+        _shape("llama-3.1-70b", 128256, 8192, 28672, 80, 64, 8),
+        _shape("llama-3.3-70b", 128256, 8192, 28672, 80, 64, 8),
+        _shape("llama-3.1-405b", 128256, 16384, 53248, 126, 128, 8),
+        # TinyLlama/TinyLlama-1.1B-Chat-v1.0
+        _shape("tinyllama-1.1b", 32000, 2048, 5632, 22, 32, 4),
+        # mistralai/Mistral-Nemo-Base-2407 (12B, head_dim 128 with hidden 5120)
+        _shape("mistral-nemo-12b", 131072, 5120, 14336, 40, 32, 8, head_dim=128),
+        # google/gemma-{2b,7b}, google/gemma-2-{2b,9b,27b}: tied embeddings, head_dim 256 (27B: 128)
+        _shape("gemma-2b", 256000, 2048, 16384, 18, 8, 1, head_dim=256, tied=True),
+        _shape("gemma-7b", 256000, 3072, 24576, 28, 16, 16, head_dim=256, tied=True),
+        _shape("gemma-2-2b", 256000, 2304, 9216, 26, 8, 4, head_dim=256, tied=True),
+        _shape("gemma-2-9b", 256000, 3584, 14336, 42, 16, 8, head_dim=256, tied=True),
+        _shape("gemma-2-27b", 256000, 4608, 36864, 46, 32, 16, head_dim=128, tied=True),
+        # microsoft/Phi-3-mini-4k-instruct (Phi-3.5-mini: same), Phi-3-medium-4k-instruct; Phi-3 fuses
+        # q/k/v and gate/up into one linear each: the same weights, LoRA on the fused ones is slightly smaller
+        _shape("phi-3-mini", 32064, 3072, 8192, 32, 32, 32),
+        _shape("phi-3.5-mini", 32064, 3072, 8192, 32, 32, 32),
+        _shape("phi-3-medium", 32064, 5120, 17920, 40, 40, 10),
+        # Qwen/Qwen2.5-{0.5B,1.5B,3B,14B,32B,72B} (q/k/v biases; the small ones tie embeddings)
+        _shape("qwen2.5-0.5b", 151936, 896, 4864, 24, 14, 2, tied=True, bias=True),
+        _shape("qwen2.5-1.5b", 151936, 1536, 8960, 28, 12, 2, tied=True, bias=True),
+        _shape("qwen2.5-3b", 151936, 2048, 11008, 36, 16, 2, tied=True, bias=True),
+        _shape("qwen2.5-14b", 152064, 5120, 13824, 48, 40, 8, bias=True),
+        _shape("qwen2.5-32b", 152064, 5120, 27648, 64, 40, 8, bias=True),
+        _shape("qwen2.5-72b", 152064, 8192, 29568, 80, 64, 8, bias=True),
+        # HuggingFaceTB/SmolLM2-135M-Instruct (the bundled model), SmolLM2-360M / 1.7B
+        _shape("smollm2-135m", 49152, 576, 1536, 30, 9, 3, head_dim=64, tied=True, context=8192),
+        _shape("smollm2-360m", 49152, 960, 2560, 32, 15, 5, head_dim=64, tied=True),
+        _shape("smollm2-1.7b", 49152, 2048, 8192, 24, 32, 32, tied=True),
     )
 }
 
@@ -161,7 +194,12 @@ def shape_from_config(config: dict, name: str = "model") -> ModelShape:
         head_dim=int(get("head_dim", default=hidden // heads)),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         attention_bias=bool(config.get("attention_bias") or config.get("model_type") == "qwen2"),
+        context_length=_int_or_none(config.get("max_position_embeddings") or config.get("n_positions")),
     )
+
+
+def _int_or_none(value) -> int | None:
+    return int(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
 def shape_from_gguf(path: Path) -> ModelShape:
@@ -197,6 +235,7 @@ def shape_from_gguf(path: Path) -> ModelShape:
         head_dim=int(key("attention.key_length", hidden // heads)),
         tie_word_embeddings="output.weight" not in tensor_names,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
+        context_length=_int_or_none(meta.get(f"{arch}.context_length")),
     )
 
 
@@ -219,7 +258,9 @@ def shape_from_source(source: str | Path) -> ModelShape:
         raise CuraError(
             f"model folder {path} has no config.json: give a transformers model folder or a .gguf"
         )
+    close = difflib.get_close_matches(text.lower(), known_names(), n=3, cutoff=0.5)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
     raise CuraError(
-        f"unknown model '{text}': give a known name ({', '.join(known_names())}), a model folder with "
-        "config.json, a config.json file or a .gguf file"
+        f"unknown model '{text}': {hint}give a known name ('cura estimate --list' shows them), a model folder "
+        "with config.json, a config.json file or a .gguf file"
     )

@@ -54,29 +54,45 @@ def write_summary(path: Path, summary: dict[str, Any]) -> None:
     write_json_atomic(path, summary)
 
 
-def plot_losses(rows: list[dict[str, Any]], path: Path) -> None:
-    """Training loss per step and eval loss where measured, as a PNG."""
+def plot_losses(rows: list[dict[str, Any]], path: Path, *, held_out: list[tuple[int, float]] = ()) -> None:
+    """Training loss per step (raw and smoothed) and the held-out loss (the logged `eval_loss` rows plus
+    `held_out` points such as before and after training), on a log scale so that the late steps, where the
+    loss is 100x smaller than at step 1, stay readable. Written as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
+    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None and r["loss"] > 0]
+    evals = sorted(
+        {s: v for s, v in [*held_out, *((r["step"], r.get("eval_loss")) for r in rows)] if v}.items()
+    )
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
-        ax.plot(*zip(*train), label="train loss", color="#1f77b4", linewidth=1.2)
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, label="train loss", color="#1f77b4", linewidth=0.8, alpha=0.45)
+        ax.plot(steps, _ema(losses), label="train loss (smoothed)", color="#1f77b4", linewidth=1.6)
     if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss", color="#d62728")
+        ax.plot(*zip(*evals), "o-", label="held-out loss", color="#d62728")
+    if train or evals:
+        ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (answer tokens)")
-    ax.grid(alpha=0.3)
+    ax.set_ylabel("cross-entropy on answer tokens (log scale)")
+    ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def _ema(values, alpha: float = 0.3) -> list[float]:
+    out, avg = [], None
+    for v in values:
+        avg = v if avg is None else alpha * v + (1 - alpha) * avg
+        out.append(avg)
+    return out
 
 
 def human_bytes(n: float) -> str:

@@ -1,0 +1,102 @@
+"""The demo (`cura train` with no arguments) timed as a new user runs it, on each kind of CPU this machine
+can stand in for, with its before/after scores.
+
+    python bench/demo.py [--kinds native,avx2] [--fresh-cache]     -> bench/results/demo.json
+
+Kinds:
+- ``native``: the machine as it is (`compute_dtype auto`: bfloat16 where AVX512-BF16/AMX exists);
+- ``avx2``: an AVX2-only laptop, emulated: float32 compute with PyTorch's and oneDNN's kernels capped at AVX2
+  (`ATEN_CPU_CAPABILITY=avx2`, `ONEDNN_MAX_CPU_ISA=AVX2`). cura's own dequantization kernels still use what
+  the CPU has (they are a small part of a step), so a real AVX2 CPU may be a little slower.
+Each run is a subprocess with its own output folder; `--fresh-cache` also converts the bundled GGUF again, as
+on a new machine. The machine is shared: the load average is recorded beside each time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from cura.hardware import describe_machine
+
+RESULTS = Path(__file__).parent / "results" / "demo.json"
+KINDS = {
+    "native": ({}, []),
+    "avx2": ({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}, ["--compute-dtype", "float32"]),
+}
+
+
+def run_kind(kind: str, fresh_cache: bool) -> dict:
+    env_extra, flags = KINDS[kind]
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, **env_extra}
+        if fresh_cache:
+            env["CURA_CACHE"] = str(Path(tmp) / "cache")
+        out = Path(tmp) / "run"
+        command = [sys.executable, "-m", "cura", "train", "--output", str(out), "--progress", "false", *flags]
+        load = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"{kind}: the demo exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+        summary = json.loads((out / "summary.json").read_text())
+        table = (out / "demo.md").read_text()
+    return {
+        "env": env_extra,
+        "flags": flags,
+        "wall_seconds": round(wall, 1),
+        "train_wall_seconds": round(summary["wall_seconds"], 1),
+        "seconds_per_step": round(summary["seconds_per_step"], 2),
+        "steps": summary["steps"],
+        "batch_size": json.loads((out / "config.json").read_text())["batch_size"],
+        "compute_dtype": summary["compute_dtype"],
+        "eval_loss": [summary["eval_loss_before"], summary["eval_loss_after"]],
+        "exact_match": _row(table, "exact match"),
+        "valid_json": _row(table, "valid JSON"),
+        "expected_duration_line": next(
+            (ln for ln in proc.stderr.splitlines() if "should be done" in ln), None
+        ),
+        "load_average_1min_at_start": load,
+    }
+
+
+def _row(table: str, label: str) -> list[str]:
+    line = next(ln for ln in table.splitlines() if ln.startswith(label))
+    return re.findall(r"\d+%", line)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--kinds", default="native,avx2")
+    parser.add_argument("--fresh-cache", action="store_true")
+    args = parser.parse_args()
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    results = {kind: run_kind(kind, args.fresh_cache) for kind in kinds}
+    for kind, r in results.items():
+        print(
+            f"{kind}: {r['wall_seconds']:.0f} s, {r['seconds_per_step']} s/step, exact match {r['exact_match']}"
+        )
+    out = {
+        "benchmark": "demo",
+        "machine": describe_machine(),
+        "fresh_cache": args.fresh_cache,
+        "kinds": results,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=2) + "\n")
+    tmp.replace(RESULTS)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Checks a run passes before a model is loaded: the sequence fits the model's context, and the planned peak
+fits the memory the device has. Each failure is one sentence with the fix; nothing is written.
+
+    context   data.max_length <= the model's context length (config.json `max_position_embeddings`, the
+              GGUF's `<arch>.context_length`), when the source says it
+    memory    the planned peak (`cura.memory.plan`) <= what the device can give: MemAvailable on a CPU,
+              the free memory of the GPU on CUDA
+"""
+
+from __future__ import annotations
+
+from cura.errors import CuraError
+from cura.memory import format_bytes
+from cura.memory.shapes import ModelShape
+
+
+def check_context(shape: ModelShape, max_length: int, model: str) -> None:
+    """CuraError when `data.max_length` is longer than the model's context."""
+    if shape.context_length and max_length > shape.context_length:
+        raise CuraError(
+            f"data.max_length (--seq-len) is {max_length:,} tokens but {model} was trained for at most "
+            f"{shape.context_length:,}: use --seq-len {shape.context_length} or less"
+        )
+
+
+def check_memory(peak_bytes: int, available_bytes: int | None, where: str) -> None:
+    """CuraError when the planned peak is more than `available_bytes` (None: unknown, nothing checked)."""
+    if available_bytes is None or peak_bytes <= available_bytes:
+        return
+    raise CuraError(
+        f"this run plans a peak of {format_bytes(peak_bytes)} but {where} has {format_bytes(available_bytes)} "
+        f"available: add --auto-fit {format_bytes(int(available_bytes * 0.9)).replace(' ', '')} to shrink it "
+        "(or lower --batch-size / --seq-len; `cura estimate` shows each term)"
+    )
+
+
+def device_available_bytes(device_type: str) -> tuple[int | None, str]:
+    """(bytes available to this run, how to name the device in a message)."""
+    if device_type == "cuda":
+        import torch
+
+        free, _total = torch.cuda.mem_get_info()
+        return free, f"GPU {torch.cuda.get_device_name(0)}"
+    from cura.memory.allocator import available_memory
+
+    return available_memory(), "this machine (MemAvailable)"

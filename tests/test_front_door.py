@@ -1,0 +1,119 @@
+"""What a new user meets first: flags that are not silently guessed, the model list, runs refused before
+they start when they cannot work, the demo's settings for each kind of CPU, and what benchmarks record."""
+
+from __future__ import annotations
+
+import pytest
+
+from cura.cli import main
+from cura.errors import CuraError
+
+
+def test_abbreviated_flag_is_refused_with_the_nearest_one(capsys):
+    assert main(["train", "--max-step", "10"]) == 2  # argparse would have taken it as --max-steps
+    err = capsys.readouterr().err
+    assert "unknown option --max-step (did you mean --max-steps?)" in err
+
+
+def test_underscore_spelling_gets_the_real_flag(capsys):
+    assert main(["train", "--output_dir", "x"]) == 2
+    assert "did you mean --output-dir?" in capsys.readouterr().err
+
+
+def test_every_alias_in_help_is_a_real_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "examples:" in out and "cura train --data my.jsonl" in out
+    from cura.cli import build_parser
+
+    train = build_parser("train")._subparsers._group_actions[0].choices["train"]
+    flags = set(train._option_string_actions)
+    for line in out.splitlines():
+        if "same as --" in line:
+            assert line.split("same as ")[1].split()[0] in flags, line
+
+
+def test_estimate_lists_the_known_models(capsys):
+    assert main(["estimate", "--list"]) == 0
+    out = capsys.readouterr().out
+    for name in (
+        "llama-3-70b",
+        "gemma-2-9b",
+        "phi-3-mini",
+        "qwen2.5-0.5b",
+        "qwen2.5-72b",
+        "mistral-nemo-12b",
+    ):
+        assert name in out
+
+
+def test_known_shapes_have_their_published_sizes():
+    from cura.memory.shapes import KNOWN_SHAPES
+
+    # parameter counts from the model cards (billions, rounded as published)
+    published = {"llama-3-70b": 70.6, "gemma-2-9b": 9.24, "phi-3-mini": 3.82, "qwen2.5-72b": 72.7}
+    for name, billions in published.items():
+        assert KNOWN_SHAPES[name].total_params / 1e9 == pytest.approx(billions, rel=0.01), name
+
+
+def test_unknown_model_suggests_names(capsys):
+    assert main(["estimate", "--model", "gemma2-9b"]) == 2
+    assert "did you mean gemma-2-9b" in capsys.readouterr().err
+
+
+def test_sequence_longer_than_the_context_is_refused():
+    from cura.memory.shapes import KNOWN_SHAPES
+    from cura.train.preflight import check_context
+
+    shape = KNOWN_SHAPES["smollm2-135m"]
+    check_context(shape, 8192, "smollm2-135m")
+    with pytest.raises(CuraError, match=r"100,000 tokens but smollm2-135m was trained for at most 8,192"):
+        check_context(shape, 100_000, "smollm2-135m")
+
+
+def test_plan_over_the_available_memory_is_refused():
+    from cura.train.preflight import check_memory
+
+    check_memory(2 << 30, 3 << 30, "this machine")
+    check_memory(2 << 30, None, "this machine")  # unknown: nothing to check against
+    with pytest.raises(
+        CuraError,
+        match=r"plans a peak of 207 GiB but this machine has 23 GiB available: add --auto-fit 20.7GiB",
+    ):
+        check_memory(207 << 30, 23 << 30, "this machine")
+
+
+def test_demo_is_lighter_where_compute_is_float32():
+    from cura.demo import DEMO, demo_settings
+
+    assert demo_settings({"compute_dtype": "bfloat16"})["batch_size"] == DEMO["batch_size"]
+    light = demo_settings({"compute_dtype": "float32"})
+    assert light["batch_size"] < DEMO["batch_size"]
+    assert demo_settings({"compute_dtype": "float32", "batch_size": 8})["batch_size"] == 8  # the user wins
+
+
+def test_demo_says_how_long_it_will_take():
+    from cura.demo import ANSWERS_IN_STEPS, expected_duration
+
+    line = expected_duration(6.0, 30)
+    assert f"about {(29 + ANSWERS_IN_STEPS) * 6 // 60} min" in line and "29 more steps" in line
+
+
+def test_machine_description_names_the_cpu_and_its_flags():
+    from cura.hardware import CPU_FEATURES, describe_machine
+
+    machine = describe_machine()
+    assert machine["cpu"] and machine["cores"] >= 1
+    assert set(machine["cpu_flags"]) <= set(CPU_FEATURES)
+    assert machine["cpu_kind"] in ("bf16", "avx512", "avx2", "other")
+    assert machine["compute_dtype_auto"] in ("bfloat16", "float32")
+
+
+def test_loss_plot_has_the_held_out_points(tmp_path):
+    from cura.train.report import _ema, plot_losses
+
+    rows = [{"step": s, "loss": 2.0 / s} for s in range(1, 11)]
+    plot_losses(rows, tmp_path / "loss.png", held_out=[(0, 1.4), (10, 0.03)])
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert _ema([1.0, 0.0]) == [1.0, 0.7]
