@@ -30,13 +30,13 @@ import platform
 import shlex
 import shutil
 import subprocess
-import tempfile
 import threading
 from functools import cache
 from pathlib import Path
 
 import torch
 
+from cura.atomic import atomic_file
 from cura.quant.blockwise import sorted_bounds
 from cura.quant.codebooks import code_4bit
 
@@ -97,16 +97,10 @@ def build(flags: tuple[str, ...]) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
+    with atomic_file(target, mode=0o777) as tmp:  # a racing process sees no library or a whole one
         subprocess.run(
-            [*command, "-o", tmp, str(SOURCE)], check=True, capture_output=True, text=True, timeout=120
+            [*command, "-o", str(tmp), str(SOURCE)], check=True, capture_output=True, text=True, timeout=120
         )
-        os.replace(tmp, target)  # atomic: a racing process sees no library or a whole one
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 
