@@ -221,16 +221,16 @@ def test_answer_loss_equals_transformers_loss(make_tiny):
 
 
 @pytest.fixture(scope="module")
-def smol_tiny(smol_tokenizer):
-    """A tiny llama with the real SmolLM2 tokenizer's vocabulary (random weights)."""
+def chat_tiny(chat_tokenizer):
+    """A tiny llama with the tiny ChatML tokenizer's vocabulary (random weights)."""
     from transformers import AutoModelForCausalLM
 
     from tiny import tiny_config
 
     config = tiny_config("llama")
-    config.vocab_size = len(smol_tokenizer)
-    config.pad_token_id = smol_tokenizer.pad_token_id or 0
-    config.eos_token_id = smol_tokenizer.eos_token_id
+    config.vocab_size = len(chat_tokenizer)
+    config.pad_token_id = chat_tokenizer.pad_token_id or 0
+    config.eos_token_id = chat_tokenizer.eos_token_id
     torch.manual_seed(3)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
@@ -242,35 +242,35 @@ ROWS = [
 ]
 
 
-def test_encode_rows_masks_prompt_and_loss_matches_transformers(smol_tiny, smol_tokenizer):
-    samples = encode_rows(smol_tokenizer, ROWS)
-    prompt = smol_tokenizer.apply_chat_template(ROWS[0].prompt, tokenize=False, add_generation_prompt=True)
-    n_prompt = len(smol_tokenizer(prompt, add_special_tokens=False)["input_ids"])
+def test_encode_rows_masks_prompt_and_loss_matches_transformers(chat_tiny, chat_tokenizer):
+    samples = encode_rows(chat_tokenizer, ROWS)
+    prompt = chat_tokenizer.apply_chat_template(ROWS[0].prompt, tokenize=False, add_generation_prompt=True)
+    n_prompt = len(chat_tokenizer(prompt, add_special_tokens=False)["input_ids"])
     s = samples[0]
     assert s["labels"][:n_prompt] == [-100] * n_prompt
-    answer = smol_tokenizer.decode(s["input_ids"][n_prompt:])
+    answer = chat_tokenizer.decode(s["input_ids"][n_prompt:])
     assert answer.startswith("Blue is a colour.") and "<|im_end|>" in answer
     with torch.no_grad():
-        want = smol_tiny(input_ids=torch.tensor([s["input_ids"]]), labels=torch.tensor([s["labels"]])).loss
-    result = evaluate(smol_tiny, smol_tokenizer, ROWS[:1], ["loss"], progress=False)
+        want = chat_tiny(input_ids=torch.tensor([s["input_ids"]]), labels=torch.tensor([s["labels"]])).loss
+    result = evaluate(chat_tiny, chat_tokenizer, ROWS[:1], ["loss"], progress=False)
     assert result.metrics["loss"] == pytest.approx(want.item(), rel=1e-5)
 
 
-def test_batched_generation_equals_unbatched(smol_tiny, smol_tokenizer):
+def test_batched_generation_equals_unbatched(chat_tiny, chat_tokenizer):
     kwargs = dict(max_new_tokens=8, extractor="none", progress=False)
-    batched = evaluate(smol_tiny, smol_tokenizer, ROWS, ["rouge", "exact_match"], batch_size=3, **kwargs)
-    single = evaluate(smol_tiny, smol_tokenizer, ROWS, ["rouge", "exact_match"], batch_size=1, **kwargs)
+    batched = evaluate(chat_tiny, chat_tokenizer, ROWS, ["rouge", "exact_match"], batch_size=3, **kwargs)
+    single = evaluate(chat_tiny, chat_tokenizer, ROWS, ["rouge", "exact_match"], batch_size=1, **kwargs)
     assert [s["prediction"] for s in batched.samples] == [s["prediction"] for s in single.samples]
     assert batched.metrics == single.metrics
     assert any(s["prediction"] for s in batched.samples)
-    assert evaluate(smol_tiny, smol_tokenizer, ROWS, limit=2, max_new_tokens=2, progress=False).n_samples == 2
+    assert evaluate(chat_tiny, chat_tokenizer, ROWS, limit=2, max_new_tokens=2, progress=False).n_samples == 2
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, smol_tiny, smol_tokenizer):
-    folder = tmp_path_factory.mktemp("tiny-smol")
-    smol_tiny.save_pretrained(folder)
-    smol_tokenizer.save_pretrained(folder)
+def tiny_folder(tmp_path_factory, chat_tiny, chat_tokenizer):
+    folder = tmp_path_factory.mktemp("tiny-chat")
+    chat_tiny.save_pretrained(folder)
+    chat_tokenizer.save_pretrained(folder)
     return folder
 
 
@@ -362,6 +362,57 @@ def test_cli_eval_and_compare_end_to_end(tiny_folder, tmp_path, capsys):
     assert cli([*common, *pair, "--metrics", "loss"]) == 0
     saved = json.loads((out_b / "eval.json").read_text(encoding="utf-8"))
     assert saved["before"]["label"] == "A: adapter-1" and saved["after"]["label"] == "B: adapter-2"
+
+
+ORDERS = [
+    {
+        "question": f"Convert this order to JSON. Please send {n} kettles to Split.",
+        "answer": json.dumps({"item": "kettle", "quantity": n, "city": "Split"}),
+    }
+    for n in range(2, 14)
+]
+
+
+def test_cura_eval_loss_is_the_training_held_out_loss(tiny_folder, tmp_path, capsys):
+    """The same rows and the same model: `cura eval`'s loss equals the held-out loss `cura train` logs
+    before its first step (LoRA B starts at zero, so the model is still the base), whether the rows are
+    read by format detection or through explicit --field columns (which once had their own tokenization,
+    training the newline after the end-of-turn marker)."""
+    from cura.adapters import LoraConfig
+    from cura.data import DataConfig
+    from cura.train import TrainConfig, train
+
+    train_file, eval_file = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in ORDERS[:4]), encoding="utf-8")
+    eval_file.write_text("".join(json.dumps(r) + "\n" for r in ORDERS[4:]), encoding="utf-8")
+    config = TrainConfig(
+        model=str(tiny_folder),
+        method="lora",
+        output_dir=str(tmp_path / "run"),
+        data=DataConfig(path=str(train_file), eval_path=str(eval_file)),
+        lora=LoraConfig(r=2, alpha=4.0, dropout=0.0),
+        max_steps=1,
+        batch_size=2,
+        progress=False,
+        compute_dtype="float32",
+    )
+    train(config)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["eval_samples"] == len(ORDERS) - 4
+    args = [
+        "eval",
+        "--model",
+        str(tiny_folder),
+        "--data",
+        str(eval_file),
+        "--no-quantize",
+        "--dtype",
+        "float32",
+    ]
+    for fields in ([], ["--field", "prompt=question", "--field", "reference=answer"]):
+        assert cli([*args, *fields, "--metrics", "loss", "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["metrics"]["loss"] == pytest.approx(summary["eval_loss_before"], rel=1e-5), fields
 
 
 def test_cli_user_errors_are_one_line(tiny_folder, tmp_path, capsys):

@@ -42,3 +42,5 @@ DEFAULT_MAX_NEW_TOKENS = 128
 """Tokens generated per prompt by `cura eval` and `cura.generate` unless told otherwise."""
 DEFAULT_MAX_LENGTH = 512
 """Token length of a training sample (`data.max_length`)."""
+DEFAULT_LOSS_CHUNK_TOKENS = 1024
+"""Trained tokens whose logits are computed at once by `cura.train.steps.loss_sum`."""
