@@ -30,27 +30,22 @@ class LossResult:
 
 
 def encode_rows(tokenizer, rows, config=None) -> list[dict[str, list[int]]]:
-    """Tokenize each row's conversation exactly as training does (`cura.data.dataset.encode_row`).
+    """Tokenize each row's conversation exactly as training does (`cura.data.dataset.encode_rows`).
 
     `config` is a `cura.data.DataConfig` (its `max_length`, `overlong` and `train_on_prompt` apply; default:
     training's defaults). Rows without a reference (no conversation to score) are skipped, and so are rows
     training would drop (no trained token left, or `overlong: drop`).
     """
+    from collections import Counter
+
     from cura.data import DataConfig
-    from cura.data.dataset import encode_row
+    from cura.data.dataset import encode_rows as encode_data_rows
     from cura.data.template import effective_chat_template
 
-    config = config or DataConfig()
     template, _ = effective_chat_template(tokenizer)
-    samples = []
-    for row in rows:
-        data_row = row.loss_row()
-        if data_row is None:
-            continue
-        sample, _, _ = encode_row(tokenizer, template, data_row, config)
-        if sample is not None:
-            samples.append(sample)
-    return samples
+    data_rows = [r for r in (row.loss_row() for row in rows) if r is not None]
+    tally = {"lengths": [], "dropped": Counter(), "truncated": 0}
+    return list(encode_data_rows(tokenizer, data_rows, config or DataConfig(), template, tally))
 
 
 def _pad(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
