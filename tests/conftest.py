@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny random models, the bundled real model, the shared data sets."""
+"""Shared fixtures: tiny random models and the tiny ChatML tokenizer, the bundled real model, the shared data sets.
+
+Tests of the loop, resume, signals, eval and templating use `chat_tokenizer` (built in code, always there);
+only tests that need the real SmolLM2 use `smol_tokenizer` / `smollm2_gguf` (they skip, with the reason,
+where the bundled model is not installed).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import ARCHS, tiny_model  # noqa: E402
+from tiny import ARCHS, tiny_model, tiny_tokenizer  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -46,6 +51,12 @@ def eager_bitsandbytes():
     torch._dynamo.config.disable = True
     yield
     torch._dynamo.config.disable = previous
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    """The tiny byte-level BPE tokenizer with a ChatML template (`tiny.tiny_tokenizer`), one per module."""
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="session")

@@ -143,7 +143,8 @@ def test_locations_are_file_and_line(tmp_path):
 
 
 def test_datasets_save_to_disk_folder(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     records = [{"messages": CHAT, "id": i} for i in range(5)]
     datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "saved"))
     rows = list(read_rows(tmp_path / "saved"))

@@ -221,16 +221,16 @@ def test_answer_loss_equals_transformers_loss(make_tiny):
 
 
 @pytest.fixture(scope="module")
-def smol_tiny(smol_tokenizer):
-    """A tiny llama with the real SmolLM2 tokenizer's vocabulary (random weights)."""
+def chat_tiny(chat_tokenizer):
+    """A tiny llama with the tiny ChatML tokenizer's vocabulary (random weights)."""
     from transformers import AutoModelForCausalLM
 
     from tiny import tiny_config
 
     config = tiny_config("llama")
-    config.vocab_size = len(smol_tokenizer)
-    config.pad_token_id = smol_tokenizer.pad_token_id or 0
-    config.eos_token_id = smol_tokenizer.eos_token_id
+    config.vocab_size = len(chat_tokenizer)
+    config.pad_token_id = chat_tokenizer.pad_token_id or 0
+    config.eos_token_id = chat_tokenizer.eos_token_id
     torch.manual_seed(3)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
@@ -242,35 +242,35 @@ ROWS = [
 ]
 
 
-def test_encode_rows_masks_prompt_and_loss_matches_transformers(smol_tiny, smol_tokenizer):
-    samples = encode_rows(smol_tokenizer, ROWS)
-    prompt = smol_tokenizer.apply_chat_template(ROWS[0].prompt, tokenize=False, add_generation_prompt=True)
-    n_prompt = len(smol_tokenizer(prompt, add_special_tokens=False)["input_ids"])
+def test_encode_rows_masks_prompt_and_loss_matches_transformers(chat_tiny, chat_tokenizer):
+    samples = encode_rows(chat_tokenizer, ROWS)
+    prompt = chat_tokenizer.apply_chat_template(ROWS[0].prompt, tokenize=False, add_generation_prompt=True)
+    n_prompt = len(chat_tokenizer(prompt, add_special_tokens=False)["input_ids"])
     s = samples[0]
     assert s["labels"][:n_prompt] == [-100] * n_prompt
-    answer = smol_tokenizer.decode(s["input_ids"][n_prompt:])
+    answer = chat_tokenizer.decode(s["input_ids"][n_prompt:])
     assert answer.startswith("Blue is a colour.") and "<|im_end|>" in answer
     with torch.no_grad():
-        want = smol_tiny(input_ids=torch.tensor([s["input_ids"]]), labels=torch.tensor([s["labels"]])).loss
-    result = evaluate(smol_tiny, smol_tokenizer, ROWS[:1], ["loss"], progress=False)
+        want = chat_tiny(input_ids=torch.tensor([s["input_ids"]]), labels=torch.tensor([s["labels"]])).loss
+    result = evaluate(chat_tiny, chat_tokenizer, ROWS[:1], ["loss"], progress=False)
     assert result.metrics["loss"] == pytest.approx(want.item(), rel=1e-5)
 
 
-def test_batched_generation_equals_unbatched(smol_tiny, smol_tokenizer):
+def test_batched_generation_equals_unbatched(chat_tiny, chat_tokenizer):
     kwargs = dict(max_new_tokens=8, extractor="none", progress=False)
-    batched = evaluate(smol_tiny, smol_tokenizer, ROWS, ["rouge", "exact_match"], batch_size=3, **kwargs)
-    single = evaluate(smol_tiny, smol_tokenizer, ROWS, ["rouge", "exact_match"], batch_size=1, **kwargs)
+    batched = evaluate(chat_tiny, chat_tokenizer, ROWS, ["rouge", "exact_match"], batch_size=3, **kwargs)
+    single = evaluate(chat_tiny, chat_tokenizer, ROWS, ["rouge", "exact_match"], batch_size=1, **kwargs)
     assert [s["prediction"] for s in batched.samples] == [s["prediction"] for s in single.samples]
     assert batched.metrics == single.metrics
     assert any(s["prediction"] for s in batched.samples)
-    assert evaluate(smol_tiny, smol_tokenizer, ROWS, limit=2, max_new_tokens=2, progress=False).n_samples == 2
+    assert evaluate(chat_tiny, chat_tokenizer, ROWS, limit=2, max_new_tokens=2, progress=False).n_samples == 2
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, smol_tiny, smol_tokenizer):
-    folder = tmp_path_factory.mktemp("tiny-smol")
-    smol_tiny.save_pretrained(folder)
-    smol_tokenizer.save_pretrained(folder)
+def tiny_folder(tmp_path_factory, chat_tiny, chat_tokenizer):
+    folder = tmp_path_factory.mktemp("tiny-chat")
+    chat_tiny.save_pretrained(folder)
+    chat_tokenizer.save_pretrained(folder)
     return folder
 
 
@@ -364,6 +364,57 @@ def test_cli_eval_and_compare_end_to_end(tiny_folder, tmp_path, capsys):
     assert saved["before"]["label"] == "A: adapter-1" and saved["after"]["label"] == "B: adapter-2"
 
 
+ORDERS = [
+    {
+        "question": f"Convert this order to JSON. Please send {n} kettles to Split.",
+        "answer": json.dumps({"item": "kettle", "quantity": n, "city": "Split"}),
+    }
+    for n in range(2, 14)
+]
+
+
+def test_cura_eval_loss_is_the_training_held_out_loss(tiny_folder, tmp_path, capsys):
+    """The same rows and the same model: `cura eval`'s loss equals the held-out loss `cura train` logs
+    before its first step (LoRA B starts at zero, so the model is still the base), whether the rows are
+    read by format detection or through explicit --field columns (which once had their own tokenization,
+    training the newline after the end-of-turn marker)."""
+    from cura.adapters import LoraConfig
+    from cura.data import DataConfig
+    from cura.train import TrainConfig, train
+
+    train_file, eval_file = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in ORDERS[:4]), encoding="utf-8")
+    eval_file.write_text("".join(json.dumps(r) + "\n" for r in ORDERS[4:]), encoding="utf-8")
+    config = TrainConfig(
+        model=str(tiny_folder),
+        method="lora",
+        output_dir=str(tmp_path / "run"),
+        data=DataConfig(path=str(train_file), eval_path=str(eval_file)),
+        lora=LoraConfig(r=2, alpha=4.0, dropout=0.0),
+        max_steps=1,
+        batch_size=2,
+        progress=False,
+        compute_dtype="float32",
+    )
+    train(config)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["eval_samples"] == len(ORDERS) - 4
+    args = [
+        "eval",
+        "--model",
+        str(tiny_folder),
+        "--data",
+        str(eval_file),
+        "--no-quantize",
+        "--dtype",
+        "float32",
+    ]
+    for fields in ([], ["--field", "prompt=question", "--field", "reference=answer"]):
+        assert cli([*args, *fields, "--metrics", "loss", "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["metrics"]["loss"] == pytest.approx(summary["eval_loss_before"], rel=1e-5), fields
+
+
 def test_cli_user_errors_are_one_line(tiny_folder, tmp_path, capsys):
     assert cli(["eval", "--model", str(tiny_folder), "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -402,7 +453,14 @@ def test_bundled_model_on_real_benchmarks(shared_data, smollm2_gguf, one_thread)
     assert len(rows) == 500 and all(len(r.references) == 3 for r in rows)
     rows = sorted(rows[:60], key=lambda r: len(r.prompt[-1]["content"]))  # the shortest dialogues: CPU time
     res = evaluate(model, tok, rows, ["loss", "rouge"], max_new_tokens=32, **kw)
-    assert 0 < res.metrics["rouge1"] <= 100 and 1.0 < res.metrics["perplexity"] < 1000
+    preds, refs = _predictions(res)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    for kind in ("rouge1", "rougeL"):
+        want = 100 * sum(scorer.score_multi(r, p)[kind].fmeasure for p, r in zip(preds, refs)) / len(preds)
+        assert res.metrics[kind] == pytest.approx(want, abs=1e-9)
+    assert 1.0 < res.metrics["perplexity"] < 1000 and res.metrics["perplexity"] == pytest.approx(
+        math.exp(res.metrics["loss"])
+    )
 
     wmt = shared_data / "wmt22-de-en"
     rows = read_eval_rows(
@@ -411,15 +469,46 @@ def test_bundled_model_on_real_benchmarks(shared_data, smollm2_gguf, one_thread)
         instruction="Translate this German text to English.",
     )
     res = evaluate(model, tok, rows, ["bleu", "chrf"], max_new_tokens=32, **kw)
-    assert 0 <= res.metrics["bleu"] <= 100 and 5 < res.metrics["chrf"] <= 100
+    preds, refs = _predictions(res)
+    streams = [[r[0] for r in refs]]
+    assert res.metrics["bleu"] == pytest.approx(sacrebleu.corpus_bleu(preds, streams).score)
+    assert res.metrics["chrf"] == pytest.approx(sacrebleu.corpus_chrf(preds, streams).score)
+    assert res.metrics["chrf"] > 5  # a translation, not noise
 
     rows = read_eval_rows(shared_data / "gsm8k" / "test.jsonl")
     assert extract_gsm8k(rows[0].references[0]) == "18"
     res = evaluate(model, tok, rows, ["exact_match"], extractor="gsm8k", max_new_tokens=32, **kw)
-    assert res.metrics["exact_match"] in (0.0, 100 / 3, 200 / 3, 100.0)
+    preds, refs = _predictions(res)
+    hits = [
+        _last_number(p) is not None and _last_number(p) == _last_number(r[0]) for p, r in zip(preds, refs)
+    ]
+    assert res.metrics["exact_match"] == pytest.approx(100 * sum(hits) / len(hits))
 
     rows = read_eval_rows(shared_data / "mmlu-val" / "zero_shot_mmlu_val.json")
     assert rows[0].references == ("A",)
     res = evaluate(model, tok, rows, ["exact_match", "loss"], extractor="choice", max_new_tokens=4, **kw)
-    assert [s["references"] for s in res.samples] == [["A"], ["B"], ["A"]]
-    assert res.metrics["exact_match"] in (0.0, 100 / 3, 200 / 3, 100.0) and res.loss_tokens > 0
+    preds, refs = _predictions(res)
+    assert refs == [["A"], ["B"], ["A"]]
+    hits = [_first_choice(p) == r[0] for p, r in zip(preds, refs)]
+    assert res.metrics["exact_match"] == pytest.approx(100 * sum(hits) / len(hits)) and res.loss_tokens > 0
+
+
+def _predictions(result) -> tuple[list[str], list[list[str]]]:
+    return [s["prediction"] for s in result.samples], [s["references"] for s in result.samples]
+
+
+def _last_number(text: str) -> float | None:
+    """GSM8K by hand: the number after '####' if there is one, else the last number in the text."""
+    import re
+
+    tail = text.split("####")[-1]
+    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", tail)
+    return float(numbers[-1].replace(",", "")) if numbers else None
+
+
+def _first_choice(text: str) -> str:
+    """A multiple-choice answer by hand: the first standalone capital A-D."""
+    import re
+
+    found = re.search(r"\b([A-D])\b", text)
+    return found.group(1) if found else ""

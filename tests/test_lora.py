@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import peft
-import pytest
 import torch
 from torch import nn
 
@@ -186,7 +185,8 @@ def test_lora_on_a_4bit_base():
 
 def _bnb_4bit(model: nn.Module) -> nn.Module:
     """Every linear but lm_head replaced by bitsandbytes' NF4 Linear4bit (the QLoRA reference layer)."""
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and name != "lm_head":

@@ -125,13 +125,15 @@ def test_load_state_dict_rejects_other_shapes():
 
 
 def test_dynamic_maps_match_bitsandbytes():
-    bnbf = pytest.importorskip("bitsandbytes.functional")
+    import bitsandbytes.functional as bnbf
+
     for signed in (True, False):
         assert torch.equal(dynamic_map(signed), bnbf.create_dynamic_map(signed=signed))
 
 
 def test_blockwise_8bit_round_trip_matches_bitsandbytes_codes():
-    bnbf = pytest.importorskip("bitsandbytes.functional")
+    import bitsandbytes.functional as bnbf
+
     x = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * torch.logspace(-4, 0, 1000)
     code = dynamic_map(True)
     codes, absmax = quantize_blockwise(x, code)
@@ -261,3 +263,53 @@ def test_lora_training_trajectory_identical_to_torch_adamw():
         runs.append(losses)
     assert runs[0] == runs[1]
     assert runs[0][-1] < runs[0][0] - 0.1
+
+
+def _dequantized(codes, absmax, code):
+    return code[codes.long()].reshape(-1, 256) * absmax.unsqueeze(1)
+
+
+def test_8bit_state_matches_bitsandbytes_adamw8bit():
+    """The 8-bit state against `bitsandbytes.optim.AdamW8bit` (CPU) on the same gradients.
+
+    Stated tolerance: after the first step the parameters agree to 1e-6 and the block absmax exactly (same
+    update, same 256-blocks); m and v dequantize within 0.5% (relative norm) of bitsandbytes' (its search
+    picks a neighbouring code at near-ties, see cura.quant). Over 20 steps the two 8-bit runs drift apart
+    through those roundings (gradients here span 3 decades, so tiny moments round coarsely), so there
+    cura's run must stay as close to exact AdamW as bitsandbytes' is (within 25%), and the two runs within
+    40% of bitsandbytes' own displacement (measured: 30%).
+    """
+    import bitsandbytes as bnb
+
+    gen = torch.Generator().manual_seed(0)
+    shape = (64, 80)  # 20 blocks of 256
+    init = torch.randn(shape, generator=gen)
+    grads = [torch.randn(shape, generator=gen) * torch.logspace(-3, 0, shape[1]) for _ in range(20)]
+    kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    ours, theirs, exact = (torch.nn.Parameter(init.clone()) for _ in range(3))
+    runs = [
+        (ours, PagedAdamW([ours], optim_bits=8, **kw)),
+        (theirs, bnb.optim.AdamW8bit([theirs], min_8bit_size=0, **kw)),
+        (exact, torch.optim.AdamW([exact], foreach=False, **kw)),
+    ]
+    for step, grad in enumerate(grads):
+        for param, optimizer in runs:
+            param.grad = grad.clone()
+            optimizer.step()
+        if step == 0:
+            a, b = runs[0][1].state[ours], runs[1][1].state[theirs]
+            torch.testing.assert_close(ours.data, theirs.data, rtol=0, atol=1e-6)
+            assert torch.equal(a["exp_avg_absmax"], b["absmax1"]) and torch.equal(
+                a["exp_avg_sq_absmax"], b["absmax2"]
+            )
+            pairs = (
+                (_dequantized(a["exp_avg_codes"], a["exp_avg_absmax"], dynamic_map(True)), b, "1"),
+                (_dequantized(a["exp_avg_sq_codes"], a["exp_avg_sq_absmax"], dynamic_map(False)), b, "2"),
+            )
+            for mine, ref, k in pairs:
+                want = _dequantized(ref[f"state{k}"], ref[f"absmax{k}"], ref[f"qmap{k}"])
+                assert (mine - want).norm() <= 5e-3 * want.norm()
+    with torch.no_grad():
+        ours_err, theirs_err = (ours - exact).norm(), (theirs - exact).norm()
+        assert ours_err <= 1.25 * theirs_err, (ours_err, theirs_err)
+        assert (ours - theirs).norm() <= 0.4 * (theirs - init).norm()  # measured 0.30

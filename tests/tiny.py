@@ -6,6 +6,8 @@ embeddings) at a size that runs in milliseconds on a CPU.
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -53,3 +55,65 @@ def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.fl
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=dtype)
     return model.eval()
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+"""ChatML as SmolLM2 / Qwen write it (without a default system prompt)."""
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0 (pad), 1 (bos), 2 (eos)
+
+_CORPUS = (
+    "The cat sat on the mat. The dog ran in the park. What is the capital of France? Paris is the capital.",
+    'Summarize the dialogue. Translate to German: good morning. Answer with JSON: {"name": "Ada"}.',
+    "user assistant system You are a helpful assistant. Hello! How are you? I am fine, thank you.",
+    "one two three four five six seven eight nine ten 0 1 2 3 4 5 6 7 8 9 + - * / = ( ) [ ] , ; :",
+    'Convert this order to JSON. Please send the order. {"name": "Aiko", "item": "kettle", "quantity": 8, '
+    '"city": "Split"} I would like 20 batteries, please. This is the order for the city.',
+)
+
+
+@cache
+def _tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (VOCAB ids, trained in memory on a few sentences) with a ChatML template.
+
+    Every text encodes (256 byte tokens, no unknown token) and decodes back exactly; offsets are exact,
+    so answer masks are computed as for a real model. Special tokens: pad `<|endoftext|>` (id 0), bos
+    `<|im_start|>` (1), eos `<|im_end|>` (2), matching `tiny_model`'s config. A fresh object per call.
+    """
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+        pad_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token=None,
+        model_max_length=512,
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer

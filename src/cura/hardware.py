@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+from cura.constants import COMPUTE_DTYPES
+
+__all__ = ["COMPUTE_DTYPES", "default_device", "native_bf16", "resolve_compute_dtype"]
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 

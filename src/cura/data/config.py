@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cura.constants import DEFAULT_MAX_LENGTH
 from cura.errors import CuraError
 
 FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion", "guanaco", "text")
@@ -26,7 +27,7 @@ class DataConfig:
     fields: dict[str, str] = field(default_factory=dict)
     system_prompt: str | None = None
     train_on_prompt: bool = False
-    max_length: int = 512
+    max_length: int = DEFAULT_MAX_LENGTH
     overlong: str = "truncate"
     packing: bool = True
     eval_split: float = 0.05

@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from cura.constants import IGNORE_INDEX
 from cura.data.config import DataConfig
 from cura.data.formats import RowError, normalize
 from cura.data.readers import BadRecord, read_records
@@ -86,7 +87,7 @@ class TokenizedDataset(Sequence):
 
     @property
     def trained_tokens(self) -> int:
-        return sum(sum(1 for t in s["labels"] if t != -100) for s in self.samples)
+        return sum(sum(1 for t in s["labels"] if t != IGNORE_INDEX) for s in self.samples)
 
 
 @dataclass
@@ -165,7 +166,7 @@ def encode_row(tokenizer, template: str, row: dict, config: DataConfig) -> tuple
             )
         ids, labels = ids[: config.max_length], labels[: config.max_length]
         status = "truncated"
-    if all(t == -100 for t in labels[1:]):
+    if all(t == IGNORE_INDEX for t in labels[1:]):
         reason = "prompt fills max_length" if status == "truncated" else "no trained tokens"
         return None, reason, full_length
     return {"input_ids": ids, "labels": labels}, status, full_length

@@ -25,9 +25,8 @@ from collections.abc import Sequence
 
 import torch
 
+from cura.constants import IGNORE_INDEX
 from cura.errors import CuraError
-
-IGNORE = -100
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -76,7 +75,7 @@ def packed_batch(samples: Sequence[dict], sequences: list[list[int]], max_length
     B = len(sequences)
     T = max(sum(min(len(samples[i]["input_ids"]), max_length) for i in seq) for seq in sequences)
     input_ids = torch.full((B, T), pad, dtype=torch.long)
-    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
     positions = torch.zeros((B, T), dtype=torch.long)
     segments = torch.full((B, T), -1, dtype=torch.long)  # padding: its own block
     for b, seq in enumerate(sequences):
@@ -86,7 +85,7 @@ def packed_batch(samples: Sequence[dict], sequences: list[list[int]], max_length
             n = len(ids)
             input_ids[b, cursor : cursor + n] = torch.tensor(ids)
             labels[b, cursor : cursor + n] = torch.tensor(samples[index]["labels"][:n])
-            labels[b, cursor] = IGNORE  # never predict a sample's first token from the previous sample
+            labels[b, cursor] = IGNORE_INDEX  # never predict a sample's first token from the previous sample
             positions[b, cursor : cursor + n] = torch.arange(n)
             segments[b, cursor : cursor + n] = k
             cursor += n
@@ -104,7 +103,7 @@ def padded_batch(samples: Sequence[dict], indices: list[int], max_length: int, p
     B = len(indices)
     T = max(min(len(samples[i]["input_ids"]), max_length) for i in indices)
     input_ids = torch.full((B, T), pad, dtype=torch.long)
-    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
     attention = torch.zeros((B, T), dtype=torch.long)
     for b, index in enumerate(indices):
         ids = samples[index]["input_ids"][:max_length]

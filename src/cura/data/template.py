@@ -17,6 +17,7 @@ falls in a trained span: the tokens are exactly those of the rendered conversati
 
 from __future__ import annotations
 
+from cura.constants import IGNORE_INDEX
 from cura.errors import CuraError
 
 # ChatML, for tokenizers that carry no chat template of their own
@@ -129,7 +130,8 @@ def encode_messages(tokenizer, messages: list[dict], template: str, *, train_on_
     if train_on_prompt:
         return ids, list(ids)
     labels = [
-        token if any(start <= s < end for start, end in spans) else -100 for token, s in zip(ids, starts)
+        token if any(start <= s < end for start, end in spans) else IGNORE_INDEX
+        for token, s in zip(ids, starts)
     ]
     return ids, labels
 

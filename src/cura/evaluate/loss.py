@@ -1,11 +1,12 @@
-"""Mean loss and perplexity over the answer tokens of a data set.
+"""Mean loss and perplexity over the answer tokens of a data set: the training loop's loss, reused.
 
     mean_loss = sum_i sum_{t: label_it != -100} -log p(label_it | tokens_<t) / #{answer tokens}
     perplexity = exp(mean_loss)
 
 Token-weighted (every answer token counts once, whatever sample it is in), with the usual causal shift:
-the logit at position t predicts the label at t+1. Samples are `{"input_ids", "labels"}` dicts, as
-`cura.data.build_datasets(..., packing=False)` makes them, or as `encode_rows` makes them from rows.
+the logit at position t predicts the label at t+1. The cross-entropy is `cura.train.steps.loss_sum` and the
+samples are tokenized by `cura.data` (`encode_row`, the chat template, answer masks, `overlong`), so
+`cura eval`'s loss on some rows is the held-out loss `cura train` reports on the same rows.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-IGNORE = -100
+from cura.constants import DEFAULT_LOSS_CHUNK_TOKENS, IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -29,28 +29,23 @@ class LossResult:
     tokens: int
 
 
-def encode_rows(tokenizer, rows, *, max_length: int = 1024) -> list[dict[str, list[int]]]:
-    """Tokenize (prompt, first reference) pairs with the chat template, labels on the answer tokens only.
+def encode_rows(tokenizer, rows, config=None) -> list[dict[str, list[int]]]:
+    """Tokenize each row's conversation exactly as training does (`cura.data.dataset.encode_rows`).
 
-    The prompt is rendered with the assistant turn opened; the full conversation (prompt + answer turn)
-    must start with it, and the tokens after it (the answer and the end-of-turn marker) are the labels.
-    Rows without a reference are skipped. Sequences longer than `max_length` keep their first tokens.
+    `config` is a `cura.data.DataConfig` (its `max_length`, `overlong` and `train_on_prompt` apply; default:
+    training's defaults). Rows without a reference (no conversation to score) are skipped, and so are rows
+    training would drop (no trained token left, or `overlong: drop`).
     """
-    samples = []
-    for row in rows:
-        if not row.references:
-            continue
-        prompt_text = tokenizer.apply_chat_template(row.prompt, tokenize=False, add_generation_prompt=True)
-        full = row.prompt + [{"role": "assistant", "content": row.references[0]}]
-        full_text = tokenizer.apply_chat_template(full, tokenize=False)
-        if not full_text.startswith(prompt_text):  # a template that rewrites earlier turns: answer text only
-            full_text = prompt_text + row.references[0]
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
-        input_ids = (prompt_ids + answer_ids)[:max_length]
-        labels = ([IGNORE] * len(prompt_ids) + answer_ids)[:max_length]
-        samples.append({"input_ids": input_ids, "labels": labels})
-    return samples
+    from collections import Counter
+
+    from cura.data import DataConfig
+    from cura.data.dataset import encode_rows as encode_data_rows
+    from cura.data.template import effective_chat_template
+
+    template, _ = effective_chat_template(tokenizer)
+    data_rows = [r for r in (row.loss_row() for row in rows) if r is not None]
+    tally = {"lengths": [], "dropped": Counter(), "truncated": 0}
+    return list(encode_data_rows(tokenizer, data_rows, config or DataConfig(), template, tally))
 
 
 def _pad(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
@@ -58,29 +53,37 @@ def _pad(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     return torch.tensor([list(s) + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
 
 
+def padded_batch(samples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids` / `attention_mask` / `labels` (IGNORE_INDEX on the padding), (B, T) each."""
+    return {
+        "input_ids": _pad([s["input_ids"] for s in samples], pad_token_id),
+        "attention_mask": _pad([[1] * len(s["input_ids"]) for s in samples], 0),
+        "labels": _pad([s["labels"] for s in samples], IGNORE_INDEX),
+    }
+
+
 @torch.no_grad()
-def answer_loss(model, samples: Sequence[dict], *, batch_size: int = 8, pad_token_id: int = 0) -> LossResult:
+def answer_loss(
+    model,
+    samples: Sequence[dict],
+    *,
+    batch_size: int = 8,
+    pad_token_id: int = 0,
+    chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS,
+) -> LossResult:
     """Token-weighted mean cross-entropy over labels != -100 (right padding, padded positions ignored)."""
+    from cura.train.steps import loss_sum
+
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
         for start in range(0, len(samples), batch_size):
-            chunk = samples[start : start + batch_size]
-            input_ids = _pad([s["input_ids"] for s in chunk], pad_token_id).to(device)  # (B, T)
-            labels = _pad([s["labels"] for s in chunk], IGNORE).to(device)  # (B, T)
-            mask = _pad([[1] * len(s["input_ids"]) for s in chunk], 0).to(device)
-            logits = model(input_ids=input_ids, attention_mask=mask).logits.float()  # (B, T, V)
-            shifted = labels[:, 1:]
-            nll = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]),
-                shifted.reshape(-1),
-                ignore_index=IGNORE,
-                reduction="sum",
-            )
-            total += float(nll)
-            count += int((shifted != IGNORE).sum())
+            batch = padded_batch(samples[start : start + batch_size], pad_token_id)
+            s, n = loss_sum(model, {k: v.to(device) for k, v in batch.items()}, chunk_tokens)
+            total += float(s)
+            count += n
     finally:
         model.train(was_training)
     if count == 0:

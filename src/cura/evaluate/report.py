@@ -1,43 +1,17 @@
 """Reports of an evaluation: eval.json, a Markdown before/after table with examples, a PNG bar chart.
 
-Every file is written to a temporary name in its folder and renamed into place.
+Every file is written atomically (`cura.atomic`): a temporary beside it, renamed into place.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
+from cura.atomic import atomic_file, write_json, write_text
 from cura.evaluate.run import Comparison, EvalResult
 
 # metrics where lower is better (the delta column marks improvements either way)
 LOWER_IS_BETTER = ("loss", "perplexity")
-
-
-def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a temporary file beside `path`, then rename it to `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def write_text(path: Path, text: str) -> Path:
-    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def write_json(path: Path, data: Any) -> Path:
-    return write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def _fmt(value: float) -> str:
@@ -113,7 +87,8 @@ def comparison_chart(comparison: Comparison, path: Path) -> Path:
     fig.suptitle(f"{labels[0]} (before) vs {labels[1]} (after)", fontsize=9)
     fig.tight_layout()
     try:
-        write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
     finally:
         plt.close(fig)
     return path

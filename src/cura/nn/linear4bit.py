@@ -12,6 +12,8 @@ outlives one matmul. The 4-bit tensors are buffers (they follow ``module.to(devi
 import torch
 from torch import nn
 
+from cura.constants import DEFAULT_BLOCKSIZE, DEFAULT_DOUBLE_QUANT, DEFAULT_LORA_EXCLUDE, DEFAULT_QUANT_TYPE
+from cura.nn.select import matches
 from cura.quant import QuantizedTensor, quantize
 
 _QUANT_BUFFERS = ("absmax", "code", "nested_absmax", "nested_code")
@@ -99,9 +101,9 @@ class Linear4bit(nn.Module):
     def from_linear(
         cls,
         linear: nn.Linear,
-        quant_type: str = "nf4",
-        blocksize: int = 64,
-        double_quant: bool = True,
+        quant_type: str = DEFAULT_QUANT_TYPE,
+        blocksize: int = DEFAULT_BLOCKSIZE,
+        double_quant: bool = DEFAULT_DOUBLE_QUANT,
         compute_dtype: torch.dtype | None = None,
     ) -> "Linear4bit":
         """Quantize `linear`'s weight (its bias stays in full precision)."""
@@ -183,32 +185,28 @@ class Linear4bit(nn.Module):
             unexpected_keys.append(bias_key)
 
 
-def _matches(name: str, suffixes) -> bool:
-    return any(name == s or name.endswith("." + s) for s in suffixes)
-
-
 def quantize_model(
     model: nn.Module,
     *,
-    skip: tuple[str, ...] = ("lm_head",),
+    skip: tuple[str, ...] = DEFAULT_LORA_EXCLUDE,
     include: tuple[str, ...] | None = None,
-    quant_type: str = "nf4",
-    blocksize: int = 64,
-    double_quant: bool = True,
+    quant_type: str = DEFAULT_QUANT_TYPE,
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    double_quant: bool = DEFAULT_DOUBLE_QUANT,
     compute_dtype: torch.dtype | None = None,
 ) -> list[str]:
     """Replace every `nn.Linear` of `model` (in place) by a `Linear4bit`, one layer at a time.
 
-    A layer is skipped when its name ends in an entry of `skip` (whole dotted components); when `include`
-    is given, only names ending in one of its entries are replaced. Each float weight is dropped as soon as
+    A layer is skipped when its name matches `skip` (`cura.nn.select.matches`: the name, or a suffix after
+    a dot); when `include` is given, only names matching it are replaced. Each float weight is dropped as soon as
     its layer is swapped, so peak memory stays near the quantized size. Returns the replaced names.
     """
     names = [
         name
         for name, module in model.named_modules()
         if type(module) is nn.Linear
-        and not _matches(name, skip)
-        and (include is None or _matches(name, include))
+        and not matches(name, skip)
+        and (include is None or matches(name, include))
     ]
     for name in names:
         parent_name, _, child = name.rpartition(".")

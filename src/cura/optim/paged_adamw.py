@@ -22,6 +22,7 @@ from collections.abc import Iterable
 
 import torch
 
+from cura.constants import OPTIM_BITS
 from cura.errors import CuraError
 from cura.optim.state8bit import dequantize_blockwise, dynamic_map, quantize_blockwise
 
@@ -58,7 +59,7 @@ class PagedAdamW(torch.optim.Optimizer):
         _check("betas", betas, len(betas) == 2 and all(0 <= b < 1 for b in betas), "two numbers in [0, 1)")
         _check("eps", eps, eps >= 0, "zero or more")
         _check("weight_decay", weight_decay, weight_decay >= 0, "zero or more")
-        _check("optim_bits", optim_bits, optim_bits in (8, 32), "8 or 32")
+        _check("optim_bits", optim_bits, optim_bits in OPTIM_BITS, " or ".join(map(str, OPTIM_BITS)))
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, optim_bits=optim_bits)
         super().__init__(params, defaults)
         self.page_device = torch.device(page_device) if page_device is not None else None

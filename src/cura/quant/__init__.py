@@ -4,9 +4,9 @@ Pure tensor functions: no modules, no I/O. See `cura.quant.blockwise` for the bi
 `cura.quant.tensor` for the on-disk (state-dict) layout.
 """
 
-from cura.quant.blockwise import BLOCKSIZES
-from cura.quant.codebooks import QUANT_TYPES, code_4bit, dynamic_map_signed
-from cura.quant.tensor import NESTED_BLOCKSIZE, QuantizedTensor, dequantize, quantize
+from cura.constants import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES
+from cura.quant.codebooks import code_4bit, dynamic_map_signed
+from cura.quant.tensor import QuantizedTensor, dequantize, quantize
 
 __all__ = [
     "BLOCKSIZES",

@@ -18,8 +18,6 @@ signed dynamic map and blocksize 256 (no packing: one uint8 per absmax).
 
 import torch
 
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-
 _CHUNK_ELEMENTS = 1 << 20
 """Elements quantized at once: bounds the float32 temporaries of `quantize_blocks` to a few MiB."""
 

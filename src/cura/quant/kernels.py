@@ -30,13 +30,14 @@ import platform
 import shlex
 import shutil
 import subprocess
-import tempfile
 import threading
 from functools import cache
 from pathlib import Path
 
 import torch
 
+from cura.atomic import atomic_file
+from cura.constants import DEFAULT_BLOCKSIZE, QUANT_TYPES
 from cura.quant.blockwise import sorted_bounds
 from cura.quant.codebooks import code_4bit
 
@@ -97,16 +98,10 @@ def build(flags: tuple[str, ...]) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
+    with atomic_file(target, mode=0o777) as tmp:  # a racing process sees no library or a whole one
         subprocess.run(
-            [*command, "-o", tmp, str(SOURCE)], check=True, capture_output=True, text=True, timeout=120
+            [*command, "-o", str(tmp), str(SOURCE)], check=True, capture_output=True, text=True, timeout=120
         )
-        os.replace(tmp, target)  # atomic: a racing process sees no library or a whole one
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 
@@ -168,10 +163,10 @@ def self_check(lib: ctypes.CDLL) -> str | None:
     Guards against a compiler that does not keep IEEE float32 rounding."""
     from cura.quant.tensor import dequantize_with, quantize_with  # deferred: tensor.py imports this module
 
-    for quant_type in ("nf4", "fp4"):
+    for quant_type in QUANT_TYPES:
         for input_dtype in DTYPE_CODES:
             w = _probe(code_4bit(quant_type)).to(input_dtype)
-            fast, ref = (quantize_with(k, w, quant_type, 64, True) for k in (lib, None))
+            fast, ref = (quantize_with(k, w, quant_type, DEFAULT_BLOCKSIZE, True) for k in (lib, None))
             same = (fast.packed, fast.absmax, fast.nested_absmax), (ref.packed, ref.absmax, ref.nested_absmax)
             if not all(torch.equal(a, b) for a, b in zip(*same)):
                 return f"quantize {quant_type} from {input_dtype}"

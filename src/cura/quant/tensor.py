@@ -23,19 +23,23 @@ from functools import cache
 
 import torch
 
+from cura.constants import (
+    BLOCKSIZES,
+    DEFAULT_BLOCKSIZE,
+    DEFAULT_DOUBLE_QUANT,
+    DEFAULT_QUANT_TYPE,
+    NESTED_BLOCKSIZE,
+    QUANT_TYPES,
+)
 from cura.quant import kernels
 from cura.quant.blockwise import (
-    BLOCKSIZES,
     dequantize_blocks,
     dequantize_packed,
     pack_nibbles,
     quad_table,
     quantize_blocks,
 )
-from cura.quant.codebooks import QUANT_TYPES, code_4bit, dynamic_map_signed
-
-NESTED_BLOCKSIZE = 256
-"""Blocksize of double quantization (the absmax values are quantized in blocks of 256)."""
+from cura.quant.codebooks import code_4bit, dynamic_map_signed
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _STATE_KEY = "quant_state.bitsandbytes__"
@@ -188,16 +192,20 @@ def _check_input(w: torch.Tensor, quant_type: str, blocksize: int) -> None:
         )
     if blocksize not in BLOCKSIZES:
         raise ValueError(
-            f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}; 64 is the QLoRA default."
+            f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}; {DEFAULT_BLOCKSIZE} is the QLoRA default."
         )
     if quant_type not in QUANT_TYPES:
         raise ValueError(
-            f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}; 'nf4' is the QLoRA default."
+            f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}; "
+            f"{DEFAULT_QUANT_TYPE!r} is the QLoRA default."
         )
 
 
 def quantize(
-    w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True
+    w: torch.Tensor,
+    quant_type: str = DEFAULT_QUANT_TYPE,
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    double_quant: bool = DEFAULT_DOUBLE_QUANT,
 ) -> QuantizedTensor:
     """Quantize `w` blockwise to 4 bits (bitsandbytes-identical bytes), optionally with double quantization.
 
