@@ -79,7 +79,7 @@ def test_generate_prints_what_the_api_generates(tiny_with_adapter):
         "float32",
     )
     assert again.returncode == 0 and again.stdout == proc.stdout
-    assert f"base model: {base} (from {adapter}/adapter_config.json" in again.stderr
+    assert f"base model: {base} (from {adapter}/adapter_config.json; --model overrides it)" in again.stderr
     # the adapter changes the answer (it is really loaded)
     (plain,) = _api(base, None, [[{"role": "user", "content": "Name a colour."}]])
     assert plain != expected

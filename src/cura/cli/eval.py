@@ -84,7 +84,7 @@ def _print_table(result_or_cmp) -> None:
 
 
 def run(args) -> int:
-    args.model = model_source(args)
+    args.model = args.model if args.adapter else model_source(args)  # None: the recorded base
     from cura.evaluate import (
         compare,
         evaluate,
@@ -118,13 +118,15 @@ def run(args) -> int:
     )
     settings = {"model": args.model, "adapter": args.adapter, "adapter_b": args.adapter_b, "data": args.data}
     if args.compare:
-        from cura.generate import load_for_inference
+        from cura.adapters import check_same_base, load_base_for_adapter
 
-        if quantize is None:
-            from cura.adapters import read_adapter_metadata
-
-            quantize = (read_adapter_metadata(args.adapter) or {}).get("method", "qlora") != "lora"
-        model, tokenizer = load_for_inference(args.model, None, quantize=quantize, compute_dtype=args.dtype)
+        base = load_base_for_adapter(
+            args.adapter, args.model, quantize=quantize, compute_dtype=args.dtype, with_adapter=False
+        )
+        if args.adapter_b:
+            check_same_base(args.adapter_b, base.spec)
+        model, tokenizer = base.model, base.tokenizer
+        model.config.use_cache = True
         for folder in (args.adapter, args.adapter_b):  # the template first, so loss samples use it too
             if folder and use_adapter_template(tokenizer, folder):
                 break
