@@ -122,20 +122,11 @@ def save_adapter(
         )
     if base is not None:
         base_model_name_or_path = base_model_name_or_path or peft_base_path(base.source)
-        chat_template = chat_template if chat_template is not None else base.chat_template
     if not base_model_name_or_path:
         raise CuraError("save_adapter needs the base: pass base=BaseSpec(...) or base_model_name_or_path")
-    record = {
-        "format": 1,
-        "lora": {f.name: _jsonable(getattr(config, f.name)) for f in dataclasses.fields(config)},
-        "chat_template": chat_template,
-        **(extra or {}),
-    }
-    if base is not None:
-        record["base"] = base.to_dict()
     files = {
         CONFIG_NAME: peft_config_dict(config, sorted(layers), base_model_name_or_path),
-        CURA_NAME: record,
+        CURA_NAME: cura_record(config, base, chat_template, extra),
     }
     folder = Path(folder)
     target = folder
@@ -156,6 +147,22 @@ def save_adapter(
         if target != folder and target.exists():
             shutil.rmtree(target, ignore_errors=True)
     return folder
+
+
+def cura_record(config: LoraConfig, base: BaseSpec | None, chat_template: str | None, extra) -> dict:
+    """The content of cura_adapter.json: the LoRA config as given, the chat template (the base record's
+    unless given), `extra`, and the whole base record."""
+    if base is not None and chat_template is None:
+        chat_template = base.chat_template
+    record = {
+        "format": 1,
+        "lora": {f.name: _jsonable(getattr(config, f.name)) for f in dataclasses.fields(config)},
+        "chat_template": chat_template,
+        **(extra or {}),
+    }
+    if base is not None:
+        record["base"] = base.to_dict()
+    return record
 
 
 def _jsonable(value):

@@ -73,6 +73,19 @@ def _loss_samples(args, tokenizer, fields):
     return list(train)
 
 
+def _compare_base(args, quantize):
+    """(model, tokenizer): the base --adapter was trained on, without it; --adapter-b must share it."""
+    from cura.adapters import check_same_base, load_base_for_adapter
+
+    base = load_base_for_adapter(
+        args.adapter, args.model, quantize=quantize, compute_dtype=args.dtype, with_adapter=False
+    )
+    if args.adapter_b:
+        check_same_base(args.adapter_b, base.spec)
+    base.model.config.use_cache = True
+    return base.model, base.tokenizer
+
+
 def _print_table(result_or_cmp) -> None:
     from cura.evaluate.report import comparison_markdown, result_markdown
     from cura.evaluate.run import Comparison
@@ -118,15 +131,7 @@ def run(args) -> int:
     )
     settings = {"model": args.model, "adapter": args.adapter, "adapter_b": args.adapter_b, "data": args.data}
     if args.compare:
-        from cura.adapters import check_same_base, load_base_for_adapter
-
-        base = load_base_for_adapter(
-            args.adapter, args.model, quantize=quantize, compute_dtype=args.dtype, with_adapter=False
-        )
-        if args.adapter_b:
-            check_same_base(args.adapter_b, base.spec)
-        model, tokenizer = base.model, base.tokenizer
-        model.config.use_cache = True
+        model, tokenizer = _compare_base(args, quantize)
         for folder in (args.adapter, args.adapter_b):  # the template first, so loss samples use it too
             if folder and use_adapter_template(tokenizer, folder):
                 break
