@@ -21,7 +21,7 @@ from typing import Any
 
 from cura.adapters.io import CONFIG_NAME, CURA_NAME, _read_json, read_adapter_metadata
 from cura.errors import CuraError
-from cura.models.base import BaseSpec, normalize_source
+from cura.models.base import DEFAULT_QUANT_TYPE, BaseSpec, normalize_source
 
 
 def _stderr(msg: str) -> None:
@@ -30,32 +30,36 @@ def _stderr(msg: str) -> None:
 
 @dataclass
 class BaseRecord:
-    """The base an adapter names: its spec, and what had to be assumed (None for a full cura record)."""
+    """The base an adapter names. `incomplete` is None for cura's full record, else the file that lacks
+    one (an older cura adapter's cura_adapter.json, or a PEFT adapter's adapter_config.json): then
+    `spec` holds what that file says plus the QLoRA defaults, and `spec.source` may be "" (no base named)."""
 
-    spec: BaseSpec | None  # None: a PEFT adapter that names no base
-    assumed: str | None = None
+    spec: BaseSpec
+    incomplete: str | None = None
     peft_name: str | None = None  # adapter_config.json's base_model_name_or_path
+
+    def assumption(self, spec: BaseSpec, asked: bool = False) -> str:
+        what = "a full-precision base" if not spec.quantized else spec.quant_text()
+        how = f"loading {what} as asked" if asked else f"assuming {what}"
+        return f"{self.incomplete} does not record the base's quantization: {how}"
 
 
 def read_base_record(adapter_dir: str | Path) -> BaseRecord:
     """The adapter's base record: cura's `base` entry, else (an older cura adapter, or one PEFT wrote) a
-    spec built from what is there, with the assumptions spelled out."""
+    spec built from what is there."""
     adapter_dir = Path(adapter_dir)
     meta = read_adapter_metadata(adapter_dir)
     peft_name = _read_json(adapter_dir / CONFIG_NAME).get("base_model_name_or_path") or None
     if "base" in meta:
         return BaseRecord(BaseSpec.from_dict(meta["base"], str(adapter_dir / CURA_NAME)), None, peft_name)
-    method = meta.get("method", "qlora")
     spec = BaseSpec(
         source=normalize_source(peft_name) if peft_name else "",
-        method=method,
-        quant_type=meta.get("quant_type") or BaseSpec.quant_type,
+        method=meta.get("method", "qlora"),
+        quant_type=meta.get("quant_type") or DEFAULT_QUANT_TYPE,
         chat_template=meta.get("chat_template"),
     )
     where = f"{adapter_dir / CURA_NAME}" if meta else f"{adapter_dir / CONFIG_NAME} (a PEFT adapter)"
-    guessed = "a full-precision base" if method == "lora" else spec.quant_text()
-    assumed = f"{where} does not record the base's quantization: assuming {guessed}"
-    return BaseRecord(spec, assumed, peft_name)
+    return BaseRecord(spec, where, peft_name)
 
 
 @dataclass
@@ -77,7 +81,7 @@ def resolve_base_spec(
     --model and --no-quantize); CuraError naming both when they disagree with the record."""
     record = read_base_record(adapter_dir)
     spec = record.spec
-    if record.assumed is None:  # cura's full record: anything the user passes must agree with it
+    if record.incomplete is None:  # cura's full record: anything the user passes must agree with it
         if model is not None and not _same_model(model, spec, record.peft_name):
             raise CuraError(
                 f"the adapter in {adapter_dir} was trained on {spec.source} but --model names {model}; "
@@ -103,15 +107,24 @@ def resolve_base_spec(
         )
     if quantize is not None:
         spec = replace(spec, method="qlora" if quantize else "lora")
-        log(f"note: {record.assumed.split(': assuming')[0]}: loading {spec.describe()} as asked")
-    else:
-        log(f"note: {record.assumed}")
+    log(f"note: {record.assumption(spec, asked=quantize is not None)}")
     return spec
 
 
 def _same_model(model: str | Path, spec: BaseSpec, peft_name: str | None) -> bool:
-    given = normalize_source(model)
-    return given == spec.source or (peft_name is not None and given == normalize_source(peft_name))
+    """True when `model` names the recorded base: its source (a known name counts as the file it stands
+    for) or the folder adapter_config.json names for PEFT."""
+    given = _identity(model)
+    return given == _identity(spec.source) or (peft_name is not None and given == _identity(peft_name))
+
+
+def _identity(source: str | Path) -> str:
+    from cura.models.sources import resolve_source
+
+    try:
+        return str(resolve_source(source)[1].resolve())
+    except CuraError:  # a source that is not there: compare the spelling
+        return normalize_source(source)
 
 
 def load_base_for_adapter(
@@ -162,7 +175,7 @@ def check_same_base(adapter_dir: str | Path, spec: BaseSpec) -> None:
     """CuraError unless `adapter_dir` was trained on the base `spec` describes (e.g. adapter B of an
     eval comparison, loaded onto the base of adapter A)."""
     other = read_base_record(adapter_dir)
-    if other.assumed is None and not other.spec.same_base(spec):
+    if other.incomplete is None and not other.spec.same_base(spec):
         raise CuraError(
             f"the adapter in {adapter_dir} was trained on {other.spec.describe()}, not on the "
             f"{spec.describe()} loaded for the other adapter; compare adapters trained on the same base"

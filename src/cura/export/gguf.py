@@ -339,7 +339,7 @@ def export_gguf(
     log=print,
 ) -> ExportReport:
     """Export `model_source` (HF folder | .gguf | bnb folder | "smollm2-135m"), with `adapter` merged in when
-    given, to the GGUF file `output` of type `out_type` (f16 | f32 | q8_0), plus an Ollama `Modelfile`
+    given (into the base it records; `model_source` None: that one), to the GGUF file `output` of type `out_type` (f16 | f32 | q8_0), plus an Ollama `Modelfile`
     beside it. With `check`, the file is read back with transformers' GGUF loader: logits must agree with
     the source within `tolerance` (default `TOLERANCES[out_type]`) and the tokenizer must give the same ids;
     otherwise CuraError. Returns an `ExportReport`."""

@@ -180,9 +180,10 @@ def merge(
     quantize_4bit: bool = False,
     log=print,
 ) -> MergeReport:
-    """Merge the adapter in `adapter_dir` into `model_source` and save the result to `output_dir`.
+    """Merge the adapter in `adapter_dir` into its base and save the result to `output_dir`.
 
-    The base is loaded as in training (NF4 + double quantization for a QLoRA adapter; see the module note),
+    The base is rebuilt as in training from the adapter's record (`model_source` None: the recorded one; a
+    `model_source` that is not it is refused; see the module note),
     dequantized, and `W + scale * B @ A` is added in float32; the folder holds weights in `dtype`
     (float32 | bfloat16 | float16), config, generation config and the tokenizer with the adapter's chat
     template. With `check`, the saved folder is loaded back with plain transformers and its logits compared
