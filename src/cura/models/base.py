@@ -13,7 +13,7 @@ eval, merge and export rebuild exactly that base from it (`cura.adapters.load_ba
     chat_template   the template text training formatted the data with, its sha256, and where it came
                     from: "tokenizer" (the base's own) or "fallback" (cura's ChatML, the base had none)
 
-No torch here: the record is plain data, read by tools that may not load a model at all.
+The record is plain data (this module imports no torch): tools can read it without loading a model.
 """
 
 from __future__ import annotations
