@@ -344,3 +344,18 @@ def test_export_cli_parses_and_refuses_a_bad_output_name(tmp_path):
         args.func(args)
     with pytest.raises(SystemExit):
         parser.parse_args(["export", "gguf", "--output", "m.gguf", "--type", "q4_0"])
+
+
+def test_gguf_check_reads_the_file_it_wrote_whatever_its_name(tmp_path, monkeypatch, smol_tokenizer):
+    """transformers takes a bare `gguf_file` name relative to the current folder when a file of that name
+    is there: `--output out/model.gguf` next to an earlier ./model.gguf (the README's export) was checked
+    against the other file's weights. The same export under two names must pass the same check."""
+    monkeypatch.chdir(tmp_path)
+    save_base(tmp_path / "other", "llama", smol_tokenizer, seed=1)
+    export_gguf(tmp_path / "other", "model.gguf", out_type="f32", check=False, log=lambda *_: None)
+    save_base(tmp_path / "base", "llama", smol_tokenizer, seed=0)
+    diffs = {}
+    for name in ("smol.gguf", "model.gguf"):
+        report = export_gguf(tmp_path / "base", tmp_path / "out" / name, out_type="f32", log=lambda *_: None)
+        diffs[name] = report.max_abs_logit_diff
+    assert diffs["model.gguf"] == diffs["smol.gguf"] <= 1e-5

@@ -79,7 +79,7 @@ def test_generate_prints_what_the_api_generates(tiny_with_adapter):
         "float32",
     )
     assert again.returncode == 0 and again.stdout == proc.stdout
-    assert f"base model: {base} (from {adapter}/adapter_config.json" in again.stderr
+    assert f"base model: {base} (from {adapter}/adapter_config.json; --model overrides it)" in again.stderr
     # the adapter changes the answer (it is really loaded)
     (plain,) = _api(base, None, [[{"role": "user", "content": "Name a colour."}]])
     assert plain != expected
@@ -112,3 +112,21 @@ def test_generate_and_chat_user_errors_are_one_line(tmp_path):
         proc = _cura(command, *args, stdin="")
         assert proc.returncode == 2
         assert proc.stderr.startswith("error: model source") and "Traceback" not in proc.stderr
+
+
+def test_chat_reports_a_failed_generation_and_exits_instead_of_hanging(tiny_with_adapter):
+    """Generation raising in chat's worker thread (here transformers refuses top_p=-1 when sampling) must
+    end the stream: one error line and a non-zero exit, not a reader waiting forever on the streamer."""
+    base, adapter = tiny_with_adapter
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "cura", "chat", "--model", str(base), "--adapter", str(adapter),
+             "--dtype", "float32", "--max-new-tokens", NEW_TOKENS, "--temperature", "1", "--top-p", "-1"],
+            input="Hello there\nnever answered\n", capture_output=True, text=True, timeout=120,
+            env=dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false"),
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail("cura chat hung after generation failed in its worker thread")
+    assert proc.returncode == 1, proc.stderr
+    assert "error: generation failed (ValueError: `top_p` has to be a float" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout.count("assistant> ") == 1

@@ -6,7 +6,8 @@
   quantization round trip (`bitsandbytes.functional.quantize_4bit` / `dequantize_4bit`);
 - cura's 4-bit checkpoints load in transformers + bitsandbytes and the other way round;
 - loading is lean: peak RSS grows by far less than the float32 model;
-- the bundled GGUF model converts once and loads from its cache afterwards (slow).
+- the bundled GGUF model converts once and loads from its cache afterwards (slow);
+- a GGUF is read from its own path, never from a same-named file in the current folder.
 """
 
 from __future__ import annotations
@@ -389,3 +390,25 @@ def test_user_gguf_file_is_a_gguf_source(tmp_path, monkeypatch, smollm2_gguf):
     assert resolve_source(link) == ("gguf", link)
     assert model_config(link).num_hidden_layers == 30  # from the GGUF metadata, without converting
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_gguf_source_is_read_from_its_own_path(tmp_path, monkeypatch, smol_tokenizer):
+    """transformers reads a bare `gguf_file` name relative to the current folder when such a file is there:
+    loading models/model.gguf next to another ./model.gguf must still convert models/model.gguf."""
+    from cura.export import export_gguf
+    from tiny import tiny_config
+
+    monkeypatch.setenv("CURA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    models = {}
+    for seed, path in ((1, Path("model.gguf")), (0, tmp_path / "models" / "model.gguf")):
+        config = tiny_config("llama")
+        config.vocab_size = len(smol_tokenizer)
+        torch.manual_seed(seed)
+        models[seed] = AutoModelForCausalLM.from_config(config).eval()
+        models[seed].save_pretrained(tmp_path / f"hf{seed}")
+        smol_tokenizer.save_pretrained(tmp_path / f"hf{seed}")
+        export_gguf(tmp_path / f"hf{seed}", path, out_type="f32", check=False, log=lambda *_: None)
+    loaded = load_model(tmp_path / "models" / "model.gguf", quantize=False).model
+    key = "model.layers.0.mlp.down_proj.weight"
+    torch.testing.assert_close(loaded.state_dict()[key], models[0].state_dict()[key], rtol=0, atol=0)

@@ -1,8 +1,9 @@
 """Text generation with the model's chat template: batched greedy decoding and streaming chat.
 
-`load_for_inference` is the one way the tools (generate, chat, the demo) get a model with an adapter: the
-base is quantized exactly as in training, the adapter's weights are loaded on top, and the chat template the
-adapter was trained with is used (with a warning when the base tokenizer's differs).
+`load_for_inference` is the one way the tools (generate, chat, eval) get a model with an adapter: the base
+is rebuilt exactly as in training from the adapter's record (`cura.adapters.load_base_for_adapter`), the
+adapter's weights are loaded on top, and the chat template the adapter was trained with is used (with a
+warning when the base tokenizer's differs).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -18,38 +18,34 @@ Messages = list[dict[str, str]]
 
 
 def load_for_inference(
-    model_source: str,
+    model_source: str | None,
     adapter: str | Path | None = None,
     *,
     quantize: bool | None = None,
     compute_dtype: torch.dtype | str = "auto",
-    warn=lambda msg: print(f"warning: {msg}", file=sys.stderr),
+    log=lambda msg: print(msg, file=sys.stderr),
 ):
-    """(model, tokenizer) in eval mode: the base (4-bit unless the adapter was trained on a full-precision
-    base or `quantize=False`) with the adapter loaded and its training chat template in the tokenizer."""
-    from cura.adapters import load_adapter, read_adapter_metadata
+    """(model, tokenizer) in eval mode. With `adapter`: exactly the base it was trained on (its recorded
+    source, quantization and chat template; `model_source` / `quantize` may only confirm them, see
+    `cura.adapters.load_base_for_adapter`) with the adapter loaded. Without: `model_source` (4-bit NF4 unless
+    `quantize=False`)."""
     from cura.hardware import default_device, resolve_compute_dtype
-    from cura.models import load_model
 
-    meta: dict[str, Any] = {}
     if adapter is not None:
-        meta = read_adapter_metadata(adapter) or {}
-    if quantize is None:
-        quantize = meta.get("method", "qlora") != "lora"
-    device = default_device()
-    dtype = resolve_compute_dtype(compute_dtype, device)
-    loaded = load_model(model_source, quantize=quantize, compute_dtype=dtype, device=str(device))
+        from cura.adapters import load_base_for_adapter
+
+        loaded = load_base_for_adapter(
+            adapter, model_source, quantize=quantize, compute_dtype=compute_dtype, log=log
+        )
+    else:
+        from cura.models import load_model
+
+        device = default_device()
+        dtype = resolve_compute_dtype(compute_dtype, device)
+        loaded = load_model(
+            model_source, quantize=quantize is not False, compute_dtype=dtype, device=str(device)
+        )
     model, tokenizer = loaded.model, loaded.tokenizer
-    if adapter is not None:
-        load_adapter(model, adapter, trainable=False)
-        trained_template = meta.get("chat_template")
-        if trained_template and trained_template != getattr(tokenizer, "chat_template", None):
-            if getattr(tokenizer, "chat_template", None):
-                warn(
-                    f"the adapter in {adapter} was trained with a different chat template than the base "
-                    "tokenizer's; using the adapter's template so prompts look like training"
-                )
-            tokenizer.chat_template = trained_template
     model.eval()
     model.config.use_cache = True
     return model, tokenizer

@@ -2,8 +2,9 @@
 
 config = LoraConfig(r=16, alpha=32)           # every linear but lm_head
 attach_lora(model, config)                    # -> wrapped module paths; only LoRA weights train
-save_adapter(model, config, "run/adapter", base_model_name_or_path="smollm2-135m")
+save_adapter(model, config, "run/adapter", base=BaseSpec.from_config(train_config))
 load_adapter(fresh_model, "run/adapter")      # also reads adapters written by PEFT
+loaded = load_base_for_adapter("run/adapter") # exactly the recorded base, the adapter on it
 merged = merge_lora(base.state_dict(), adapter_state_dict(model), config)
 """
 
@@ -20,11 +21,18 @@ _LAZY = {
         "cura.adapters.io",
     ),
     "merge_lora": "cura.adapters.merge",
+    **dict.fromkeys(
+        ("AdapterBase", "check_same_base", "load_base_for_adapter", "read_base_record"), "cura.adapters.base"
+    ),
 }
 __getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 __all__ = [
+    "AdapterBase",
     "LoraConfig",
+    "check_same_base",
+    "load_base_for_adapter",
+    "read_base_record",
     "adapter_state_dict",
     "base_model_of",
     "attach_lora",

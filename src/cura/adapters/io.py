@@ -6,8 +6,12 @@ read what cura writes, and cura reads what PEFT writes.
                                    module paths), use_rslora, ...
       adapter_model.safetensors    base_model.model.<module path>.lora_A.weight  (r, in)
                                    base_model.model.<module path>.lora_B.weight  (out, r)
-      cura_adapter.json            cura's extras: the LoRA config as given, the chat template, `extra`
+      cura_adapter.json            cura's record: the LoRA config as given, `base` (the whole BaseSpec of the
+                                   base it was trained on, cura.models.base), the chat template, `extra`
                                    (a separate file because PEFT warns about unknown keys in its config)
+
+`base_model_name_or_path` is a path PEFT / transformers can open (for a GGUF source, the converted folder);
+cura's own name for the base is `base.source` in cura_adapter.json.
 
 Every file is written under a temporary name and renamed into place.
 """
@@ -29,6 +33,7 @@ from torch import nn
 from cura.adapters.attach import is_linear, lora_layers, set_trainable, wrap_paths
 from cura.adapters.config import LoraConfig
 from cura.errors import CuraError
+from cura.models.base import BaseSpec, peft_base_path
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -91,11 +96,16 @@ def save_adapter(
     config: LoraConfig,
     folder: str | Path,
     *,
-    base_model_name_or_path: str,
+    base: BaseSpec | None = None,
+    base_model_name_or_path: str | None = None,
     chat_template: str | None = None,
     extra: dict | None = None,
 ) -> Path:
     """Write the model's adapter to `folder` in the PEFT layout plus `cura_adapter.json`; returns the folder.
+
+    `base` (what training writes) is recorded whole; `base_model_name_or_path` and `chat_template` default to
+    the path PEFT can open for it (`peft_base_path`) and its template. Without `base` the adapter records no
+    base and tools assume one (as for an adapter PEFT wrote).
 
     A new folder is filled under a temporary name and renamed into place; in an existing folder each file is
     replaced atomically (other files there are left alone).
@@ -110,15 +120,13 @@ def save_adapter(
             f"the adapter on '{odd}' has r={layers[odd].r}, scale {layers[odd].scaling:g} but the config says "
             f"lora.r={config.r}, scale {config.scaling:g}; save with the config the adapters were attached with"
         )
-    targets = sorted(layers)
+    if base is not None:
+        base_model_name_or_path = base_model_name_or_path or peft_base_path(base.source)
+    if not base_model_name_or_path:
+        raise CuraError("save_adapter needs the base: pass base=BaseSpec(...) or base_model_name_or_path")
     files = {
-        CONFIG_NAME: peft_config_dict(config, targets, base_model_name_or_path),
-        CURA_NAME: {
-            "format": 1,
-            "lora": {f.name: _jsonable(getattr(config, f.name)) for f in dataclasses.fields(config)},
-            "chat_template": chat_template,
-            **(extra or {}),
-        },
+        CONFIG_NAME: peft_config_dict(config, sorted(layers), base_model_name_or_path),
+        CURA_NAME: cura_record(config, base, chat_template, extra),
     }
     folder = Path(folder)
     target = folder
@@ -139,6 +147,22 @@ def save_adapter(
         if target != folder and target.exists():
             shutil.rmtree(target, ignore_errors=True)
     return folder
+
+
+def cura_record(config: LoraConfig, base: BaseSpec | None, chat_template: str | None, extra) -> dict:
+    """The content of cura_adapter.json: the LoRA config as given, the chat template (the base record's
+    unless given), `extra`, and the whole base record."""
+    if base is not None and chat_template is None:
+        chat_template = base.chat_template
+    record = {
+        "format": 1,
+        "lora": {f.name: _jsonable(getattr(config, f.name)) for f in dataclasses.fields(config)},
+        "chat_template": chat_template,
+        **(extra or {}),
+    }
+    if base is not None:
+        record["base"] = base.to_dict()
+    return record
 
 
 def _jsonable(value):

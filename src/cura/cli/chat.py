@@ -26,9 +26,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    args.model = model_source(args)
-    from transformers import TextIteratorStreamer
-
+    args.model = args.model if args.adapter else model_source(args)  # None: the recorded base
     from cura.generate import load_for_inference
 
     model, tokenizer = load_for_inference(
@@ -37,7 +35,8 @@ def run(args) -> int:
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()
-    print(f"cura chat with {args.model}{' + ' + args.adapter if args.adapter else ''}. {HELP}", flush=True)
+    base = args.model or "its base"
+    print(f"cura chat with {base}{' + ' + args.adapter if args.adapter else ''}. {HELP}", flush=True)
     while True:
         if interactive:
             print("you> ", end="", flush=True)
@@ -54,35 +53,53 @@ def run(args) -> int:
             print("(conversation cleared)", flush=True)
             continue
         history.append({"role": "user", "content": text})
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        result: list[str] = []
-        conversation = system + history
-        worker = threading.Thread(
-            target=_complete,
-            args=(model, tokenizer, conversation, args, streamer, result),
-        )
-        worker.start()
-        print("assistant> ", end="", flush=True)
-        for piece in streamer:
-            print(piece, end="", flush=True)
-        worker.join()
-        print(flush=True)
-        history.append({"role": "assistant", "content": result[0] if result else ""})
+        reply = _reply(model, tokenizer, system + history, args)
+        if reply is None:
+            return 1
+        history.append({"role": "assistant", "content": reply})
     return 0
 
 
-def _complete(model, tokenizer, conversation, args, streamer, result: list[str]) -> None:
+def _reply(model, tokenizer, conversation, args) -> str | None:
+    """Stream one answer to stdout while a worker thread generates it; None (reported) if generation
+    failed. The worker always ends the stream, so a failure can never leave this loop waiting."""
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    result: list[str] = []
+    failure: list[BaseException] = []
+    worker = threading.Thread(
+        target=_complete, args=(model, tokenizer, conversation, args, streamer, result, failure)
+    )
+    worker.start()
+    print("assistant> ", end="", flush=True)
+    for piece in streamer:
+        print(piece, end="", flush=True)
+    worker.join()
+    print(flush=True)
+    if failure:
+        exc = failure[0]
+        print(f"error: generation failed ({type(exc).__name__}: {exc}); chat stopped", file=sys.stderr)
+        return None
+    return result[0] if result else ""
+
+
+def _complete(model, tokenizer, conversation, args, streamer, result: list[str], failure: list) -> None:
     from cura.generate import generate
 
-    result.extend(
-        generate(
-            model,
-            tokenizer,
-            [conversation],
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            streamer=streamer,
-            batch_size=1,
+    try:
+        result.extend(
+            generate(
+                model,
+                tokenizer,
+                [conversation],
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                streamer=streamer,
+                batch_size=1,
+            )
         )
-    )
+    except BaseException as exc:  # reported by the main thread, which is waiting on the stream
+        failure.append(exc)
+        streamer.end()

@@ -73,6 +73,19 @@ def _loss_samples(args, tokenizer, fields):
     return list(train)
 
 
+def _compare_base(args, quantize):
+    """(model, tokenizer): the base --adapter was trained on, without it; --adapter-b must share it."""
+    from cura.adapters import check_same_base, load_base_for_adapter
+
+    base = load_base_for_adapter(
+        args.adapter, args.model, quantize=quantize, compute_dtype=args.dtype, with_adapter=False
+    )
+    if args.adapter_b:
+        check_same_base(args.adapter_b, base.spec)
+    base.model.config.use_cache = True
+    return base.model, base.tokenizer
+
+
 def _print_table(result_or_cmp) -> None:
     from cura.evaluate.report import comparison_markdown, result_markdown
     from cura.evaluate.run import Comparison
@@ -84,7 +97,7 @@ def _print_table(result_or_cmp) -> None:
 
 
 def run(args) -> int:
-    args.model = model_source(args)
+    args.model = args.model if args.adapter else model_source(args)  # None: the recorded base
     from cura.evaluate import (
         compare,
         evaluate,
@@ -118,13 +131,7 @@ def run(args) -> int:
     )
     settings = {"model": args.model, "adapter": args.adapter, "adapter_b": args.adapter_b, "data": args.data}
     if args.compare:
-        from cura.generate import load_for_inference
-
-        if quantize is None:
-            from cura.adapters import read_adapter_metadata
-
-            quantize = (read_adapter_metadata(args.adapter) or {}).get("method", "qlora") != "lora"
-        model, tokenizer = load_for_inference(args.model, None, quantize=quantize, compute_dtype=args.dtype)
+        model, tokenizer = _compare_base(args, quantize)
         for folder in (args.adapter, args.adapter_b):  # the template first, so loss samples use it too
             if folder and use_adapter_template(tokenizer, folder):
                 break

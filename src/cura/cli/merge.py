@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from cura.cli import SUBCOMMANDS, add_check_arguments, add_model_argument, model_source
+from cura.cli import SUBCOMMANDS, add_check_arguments, add_model_argument
 
 
 def register(sub) -> None:
     from cura.export.merge import DEFAULT_DTYPE, DTYPES, TOLERANCES
 
     p = sub.add_parser("merge", help=SUBCOMMANDS["merge"])
-    add_model_argument(p, "the base model the adapter was trained on")
+    add_model_argument(p, "the base model the adapter was trained on (must match its record)")
     p.add_argument("--adapter", required=True, help="the adapter folder (cura or PEFT)")
     p.add_argument("--output", required=True, help="the folder to write the merged model to")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=DEFAULT_DTYPE, help="weight dtype on disk")
@@ -23,7 +23,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    args.model = model_source(args)
     from cura.export import merge
 
     merge(

@@ -313,8 +313,11 @@ def check_gguf(model, tokenizer, path: Path, texts=PROBE_TEXTS) -> tuple[float, 
     """(max |logit difference| of the GGUF read back by transformers vs `model`, tokenizer round trip ok)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    back = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    back_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    from cura.models.gguf import gguf_args
+
+    folder, file = gguf_args(path)  # the absolute path: a bare name may load another file (see gguf_args)
+    back = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    back_tok = AutoTokenizer.from_pretrained(folder, gguf_file=file)
     same_ids = all(tokenizer(t).input_ids == back_tok(t).input_ids for t in texts)
     worst = 0.0
     for text in texts:
@@ -336,7 +339,7 @@ def export_gguf(
     log=print,
 ) -> ExportReport:
     """Export `model_source` (HF folder | .gguf | bnb folder | "smollm2-135m"), with `adapter` merged in when
-    given, to the GGUF file `output` of type `out_type` (f16 | f32 | q8_0), plus an Ollama `Modelfile`
+    given (into the base it records; `model_source` None: that one), to the GGUF file `output` of type `out_type` (f16 | f32 | q8_0), plus an Ollama `Modelfile`
     beside it. With `check`, the file is read back with transformers' GGUF loader: logits must agree with
     the source within `tolerance` (default `TOLERANCES[out_type]`) and the tokenizer must give the same ids;
     otherwise CuraError. Returns an `ExportReport`."""

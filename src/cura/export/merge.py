@@ -1,6 +1,6 @@
 """Merge a LoRA adapter into its base model and save a plain transformers checkpoint.
 
-    base source ──load_model(quantize as in training)──> NF4 base ──load_adapter──> reference (adapter on base)
+    adapter record ──load_base_for_adapter (the recorded base)──> NF4 base + adapter = reference
                                                               │
                                           unwrap + dequantize_model
                                                               ▼
@@ -17,8 +17,11 @@ original full-precision ones: its update compensates for the NF4 rounding it saw
 Adding B @ A to the original W instead gives a model that the adapter never met; the difference is the
 quantization error of W, which is large next to a small LoRA update. See the discussion in
 huggingface/peft#2105 ("the correct way to merge is to merge the 16 bit adapters onto a model that has
-been quantized and then dequantized") and huggingface/peft#1080. cura therefore loads the base exactly
-as training did (same quant_type, blocksize, double quantization), dequantizes it, and merges into that.
+been quantized and then dequantized") and huggingface/peft#1080. cura therefore rebuilds the base exactly
+as training did from the adapter's record (`BaseSpec`: same source, quant_type, blocksize, double
+quantization, skipped modules; `cura.adapters.load_base_for_adapter`), dequantizes it, and merges into
+that. The parity reference is the adapter on that same rebuilt base, so the record is what keeps it honest:
+a `--model` or setting that disagrees with it is refused before anything is loaded.
 A plain LoRA adapter (method "lora") is merged into the full-precision base.
 """
 
@@ -36,6 +39,7 @@ import torch
 
 from cura.adapters import lora_layers
 from cura.errors import CuraError
+from cura.models.base import BaseSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_DTYPE = "float32"
@@ -79,27 +83,6 @@ class MergeReport:
     warnings: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class BaseSettings:
-    """How the base was loaded in training, read from the adapter's metadata (cura_adapter.json)."""
-
-    quantize: bool = True
-    quant_type: str = "nf4"
-    blocksize: int = 64
-    double_quant: bool = True
-
-
-def base_settings(metadata: dict) -> BaseSettings:
-    """The base loading settings recorded by training (`method`, `quant_type`, ...); QLoRA defaults otherwise."""
-    defaults = BaseSettings()
-    return BaseSettings(
-        quantize=metadata.get("method", "qlora") != "lora",
-        quant_type=metadata.get("quant_type") or defaults.quant_type,
-        blocksize=int(metadata.get("blocksize") or defaults.blocksize),
-        double_quant=bool(metadata.get("double_quant", defaults.double_quant)),
-    )
-
-
 def sample_ids(tokenizer, template: str | None) -> list[torch.Tensor]:
     """Token ids (1, T) of the sample conversations rendered with `template` (plain text without one)."""
     out = []
@@ -135,20 +118,6 @@ def merged_state_dict(model, config) -> dict[str, torch.Tensor]:
     return merge_lora(model.state_dict(), adapter, config)
 
 
-def load_base(model_source, settings: BaseSettings):
-    """The base exactly as training loaded it (float32 compute)."""
-    from cura.models import load_model
-
-    return load_model(
-        model_source,
-        quantize=settings.quantize,
-        quant_type=settings.quant_type,
-        blocksize=settings.blocksize,
-        double_quant=settings.double_quant,
-        compute_dtype=torch.float32,
-    )
-
-
 def save_merged(model, tokenizer, folder: Path, dtype: torch.dtype) -> None:
     """Write a merged model as a standard transformers folder (no quantization_config)."""
     model.to(dtype)
@@ -169,7 +138,7 @@ class Merged:
 
     model: Any
     tokenizer: Any
-    settings: BaseSettings
+    spec: BaseSpec
     merged_modules: int
     warnings: list[str]
     samples: list[torch.Tensor] | None = None
@@ -177,32 +146,26 @@ class Merged:
     reference_perplexity: float | None = None
 
 
+def load_reference(model_source, adapter_dir, log=print):
+    """The adapter on exactly the base it was trained on (`load_base_for_adapter`), float32 on the CPU."""
+    from cura.adapters import load_base_for_adapter
+
+    return load_base_for_adapter(
+        adapter_dir, model_source, compute_dtype=torch.float32, device="cpu", log=log
+    )
+
+
 def merge_in_memory(model_source, adapter_dir, *, reference: bool = False, log=print) -> Merged:
-    """Load the base as in training, load the adapter, (optionally record reference logits of the adapter
-    on that base), then dequantize and merge in float32. The tokenizer gets the adapter's chat template;
-    a differing base template is reported as a warning (see `check_template`)."""
-    from cura.adapters import load_adapter, read_adapter_metadata
-    from cura.export.template import check_template
-
-    metadata = read_adapter_metadata(adapter_dir)
-    settings = base_settings(metadata)
-    loaded = load_base(model_source, settings)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    warnings = []
-    warning = check_template(adapter_dir, tokenizer)
-    if warning:
-        warnings.append(warning)
-        log(f"warning: {warning}")
-    template = metadata.get("chat_template") or getattr(tokenizer, "chat_template", None)
-    tokenizer.chat_template = template
-
-    config = load_adapter(model, adapter_dir)
-    model.eval()  # new LoRA wrappers start in training mode: no dropout in the reference
-    merged = Merged(model, tokenizer, settings, len(lora_layers(model)), warnings)
+    """Load the base as in training with the adapter on it, (optionally record reference logits of the
+    adapter on that base), then dequantize and merge in float32. The tokenizer carries the adapter's chat
+    template; a differing base template is reported as a warning (see `check_template`)."""
+    base = load_reference(model_source, adapter_dir, log)
+    model, tokenizer = base.model, base.tokenizer
+    merged = Merged(model, tokenizer, base.spec, len(lora_layers(model)), base.warnings)
     if reference:  # the adapter on the quantized base, exactly as training saw it
-        merged.samples = sample_ids(tokenizer, template)
+        merged.samples = sample_ids(tokenizer, getattr(tokenizer, "chat_template", None))
         merged.reference_logits, merged.reference_perplexity = logits_and_perplexity(model, merged.samples)
-    model.load_state_dict(merged_state_dict(model, config), strict=True)
+    model.load_state_dict(merged_state_dict(model, base.lora), strict=True)
     return merged
 
 
@@ -217,15 +180,16 @@ def merge(
     quantize_4bit: bool = False,
     log=print,
 ) -> MergeReport:
-    """Merge the adapter in `adapter_dir` into `model_source` and save the result to `output_dir`.
+    """Merge the adapter in `adapter_dir` into its base and save the result to `output_dir`.
 
-    The base is loaded as in training (NF4 + double quantization for a QLoRA adapter; see the module note),
+    The base is rebuilt as in training from the adapter's record (`model_source` None: the recorded one; a
+    `model_source` that is not it is refused; see the module note),
     dequantized, and `W + scale * B @ A` is added in float32; the folder holds weights in `dtype`
     (float32 | bfloat16 | float16), config, generation config and the tokenizer with the adapter's chat
     template. With `check`, the saved folder is loaded back with plain transformers and its logits compared
     with the adapter on its base: CuraError above `tolerance` (default `TOLERANCES[dtype]`).
     `quantize_4bit` re-quantizes the merged model to the bitsandbytes 4-bit layout (`save_quantized`)."""
-    from cura.models import save_quantized
+    from cura.models import load_model, save_quantized
     from cura.models.saving import replace_folder
 
     if dtype not in DTYPES:
@@ -245,8 +209,10 @@ def merge(
             report.tolerance = TOLERANCES[dtype] if tolerance is None else tolerance
             check_merged(tmp, merged.samples, merged.reference_logits, report, log)
         if quantize_4bit:
-            s = merged.settings
-            requant = load_base(tmp, BaseSettings(True, s.quant_type, s.blocksize, s.double_quant))
+            s = merged.spec
+            requant = load_model(
+                tmp, quant_type=s.quant_type, blocksize=s.blocksize, double_quant=s.double_quant
+            )
             requant.tokenizer.chat_template = merged.tokenizer.chat_template
             save_quantized(requant.model, requant.tokenizer, output_dir)
         else:
@@ -284,20 +250,14 @@ def verify_merge(
     model_source, adapter_dir, merged_dir, *, tolerance: float | None = None, log=print
 ) -> MergeReport:
     """Re-run the parity check of `merge` on an existing merged folder (CuraError on drift)."""
-    from cura.adapters import load_adapter, read_adapter_metadata
-
     merged_dir = Path(merged_dir)
-    metadata = read_adapter_metadata(adapter_dir)
-    loaded = load_base(model_source, base_settings(metadata))
-    load_adapter(loaded.model, adapter_dir)
-    loaded.model.eval()
-    template = metadata.get("chat_template") or getattr(loaded.tokenizer, "chat_template", None)
-    samples = sample_ids(loaded.tokenizer, template)
-    ref_logits, ppl = logits_and_perplexity(loaded.model, samples)
+    base = load_reference(model_source, adapter_dir, log)
+    samples = sample_ids(base.tokenizer, getattr(base.tokenizer, "chat_template", None))
+    ref_logits, ppl = logits_and_perplexity(base.model, samples)
 
     dtype = json.loads((merged_dir / "config.json").read_text()).get("dtype") or DEFAULT_DTYPE
     dtype = dtype if dtype in DTYPES else DEFAULT_DTYPE
-    report = MergeReport(merged_dir, dtype, len(lora_layers(loaded.model)), perplexity_adapter=ppl)
+    report = MergeReport(merged_dir, dtype, len(lora_layers(base.model)), perplexity_adapter=ppl)
     report.tolerance = TOLERANCES[dtype] if tolerance is None else tolerance
     check_merged(merged_dir, samples, ref_logits, report, log)
     return report

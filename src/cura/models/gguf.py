@@ -23,6 +23,21 @@ import torch
 from cura.models.sources import cache_root
 
 
+def gguf_args(path: Path) -> tuple[str, str]:
+    """(folder, gguf_file) for transformers' `from_pretrained(folder, gguf_file=...)`, naming the file by its
+    absolute path.
+
+    Note (a file name that picks another file): transformers reads the *weights* from `gguf_file` as a path
+    relative to the current directory whenever such a file exists there (`os.path.isfile(gguf_file)` in
+    `modeling_utils`), and only otherwise from `folder`; config and tokenizer always come from `folder`.
+    So `from_pretrained("out", gguf_file="model.gguf")` run where another `model.gguf` lies loads that
+    file's weights under out/model.gguf's config: a different model of the same shape (the export check of
+    `--output out/model.gguf` saw logits 18.7 apart while `smol.gguf` matched). An absolute path is the
+    same file in all three lookups."""
+    path = Path(path).resolve()
+    return str(path.parent), str(path)
+
+
 def gguf_cache_folder(path: Path, name: str | None = None) -> Path:
     """The cache folder for a GGUF file, keyed by its resolved path, size and modification time."""
     path = Path(path).resolve()
@@ -62,8 +77,9 @@ def convert_gguf(path: Path, out: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    folder, file = gguf_args(path)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
     # Note: a GGUF-loaded config has architectures=None and a "gguf" quantization marker that would make
     # transformers treat the float32 folder as quantized; the saved folder is a plain checkpoint.
     config = model.config

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from cura.errors import CuraError
+from cura.models.base import DEFAULT_BLOCKSIZE, DEFAULT_DOUBLE_QUANT, DEFAULT_QUANT_TYPE, DEFAULT_SKIP
 from cura.models.checkpoint import CheckpointReader
-from cura.models.gguf import cached_gguf_folder, gguf_to_hf_folder
+from cura.models.gguf import cached_gguf_folder, gguf_args, gguf_to_hf_folder
 from cura.models.sources import BUNDLED_NAME, resolve_source
 
 if TYPE_CHECKING:
@@ -82,7 +83,8 @@ def model_config(source: str | Path, *, trust_remote_code: bool = False):
     if kind in ("gguf", "bundled"):
         folder = cached_gguf_folder(path, BUNDLED_NAME if kind == "bundled" else None)
         if folder is None:  # read the GGUF's metadata only; no conversion
-            return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+            folder, file = gguf_args(path)
+            return AutoConfig.from_pretrained(folder, gguf_file=file)
         path = folder
     return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
 
@@ -91,11 +93,11 @@ def load_model(
     source: str | Path,
     *,
     quantize: bool = True,
-    quant_type: str = "nf4",
-    blocksize: int = 64,
-    double_quant: bool = True,
+    quant_type: str = DEFAULT_QUANT_TYPE,
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    double_quant: bool = DEFAULT_DOUBLE_QUANT,
     compute_dtype: torch.dtype = torch.float32,
-    skip: tuple[str, ...] = ("lm_head",),
+    skip: tuple[str, ...] = DEFAULT_SKIP,
     device: str = "cpu",
     trust_remote_code: bool = False,
 ) -> LoadedModel:
@@ -125,9 +127,9 @@ def load_model(
 class QuantSpec:
     """How to quantize the target linears of a model being loaded."""
 
-    quant_type: str = "nf4"
-    blocksize: int = 64
-    double_quant: bool = True
+    quant_type: str = DEFAULT_QUANT_TYPE
+    blocksize: int = DEFAULT_BLOCKSIZE
+    double_quant: bool = DEFAULT_DOUBLE_QUANT
 
 
 def matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -140,7 +142,7 @@ def load_checkpoint(
     spec: QuantSpec | None,
     *,
     compute_dtype: torch.dtype = torch.float32,
-    skip: tuple[str, ...] = ("lm_head",),
+    skip: tuple[str, ...] = DEFAULT_SKIP,
     device: str = "cpu",
     trust_remote_code: bool = False,
 ):

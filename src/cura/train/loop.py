@@ -29,7 +29,7 @@ from cura.config import to_dict
 from cura.data import batches, build_datasets, effective_chat_template
 from cura.errors import CuraError
 from cura.hardware import default_device, resolve_compute_dtype
-from cura.models import load_model, load_tokenizer
+from cura.models import BaseSpec, load_model, load_tokenizer
 from cura.nn import Linear4bit
 from cura.optim import PagedAdamW
 from cura.train.autofit import apply_cpu_malloc
@@ -280,13 +280,12 @@ def train(config: TrainConfig, *, hooks: TrainHooks | None = None, say: Say = _s
             model,
             config.lora,
             folder,
-            base_model_name_or_path=config.model,
-            chat_template=template,
-            extra={
-                "method": config.method,
-                "quant_type": config.quant_type,
-                "template_is_fallback": is_fallback,
-            },
+            base=BaseSpec.from_config(
+                config,
+                chat_template=template,
+                chat_template_source="fallback" if is_fallback else "tokenizer",
+                compute_dtype=compute_dtype,
+            ),
         )
 
     def checkpoint_now() -> Path:
