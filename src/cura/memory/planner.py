@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Literal
 
 from cura.errors import CuraError
@@ -50,9 +51,11 @@ MIB = 2**20
 
 @dataclass(frozen=True)
 class PlanSpec:
-    """The settings of a run that decide its memory. Build it with `spec_from_config` (TrainConfig defaults).
+    """The settings of a run that decide its memory. A run's is built by `cura.train.plan.plan_spec` (so the
+    defaults are TrainConfig's).
 
-    `lora_targets` is "all-linear" or module names (q_proj, ..., down_proj). `packing` means batches carry a
+    `lora_targets` is "all-linear" or module names (q_proj, ..., down_proj); `lora_exclude` names modules that
+    get no adapter, matched as `cura.adapters` does (see `layer_targets`). `packing` means batches carry a
     (B, 1, T, T) attention mask (packed rows or padding), which also makes attention repeat K/V heads.
     `device` is "cuda" (GPU memory: what `torch.cuda.max_memory_allocated` counts, plus the CUDA context)
     or "cpu" (the process's resident memory, RSS, with glibc's mmap threshold fixed as `cura train` does with
@@ -74,6 +77,7 @@ class PlanSpec:
     loss_chunk_tokens: int
     packing: bool
     device: Device
+    lora_exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         checks = (
@@ -162,32 +166,68 @@ class MemoryPlan:
 # ------------------------------------------------------------------------------------- which linears
 
 
-def lora_targets(shape: ModelShape, spec: PlanSpec) -> tuple[str, ...]:
-    """The per-layer linears that get an adapter: every one for "all-linear" (lm_head is never a target,
-    as in `cura.adapters.select_targets`), else the named ones; none for full fine-tuning."""
+ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def linear_path(layer: int, name: str) -> str:
+    """The module path of a decoder linear in a Llama-layout model ("model.layers.3.self_attn.q_proj")."""
+    return f"model.layers.{layer}.{'self_attn' if name in ATTENTION_LINEARS else 'mlp'}.{name}"
+
+
+def _matches(path: str, patterns: tuple[str, ...]) -> bool:
+    """`cura.adapters`' rule: a pattern matches a module whose path equals it or ends in "." + pattern."""
+    return any(path == p or path.endswith("." + p) for p in patterns)
+
+
+@cache
+def _targets_per_layer(
+    names: tuple[str, ...], layers: int, targets: str | tuple[str, ...], exclude: tuple[str, ...]
+) -> tuple[tuple[str, ...], ...]:
+    chosen = []
+    for layer in range(layers):
+        paths = {n: linear_path(layer, n) for n in names}
+        wanted = names if targets == ALL_LINEAR else [n for n in names if _matches(paths[n], targets)]
+        chosen.append(tuple(n for n in wanted if not _matches(paths[n], exclude)))
+    return tuple(chosen)
+
+
+def layer_targets(shape: ModelShape, spec: PlanSpec) -> tuple[tuple[str, ...], ...]:
+    """Per decoder layer, the linears that get an adapter, as `cura.adapters.select_targets` picks them:
+    every one for "all-linear" (lm_head is never a target), else those matching `lora_targets`; minus those
+    matching `lora_exclude` ("o_proj", "mlp.down_proj", or one layer's "layers.0.self_attn.q_proj"). None
+    for full fine-tuning."""
     if spec.method == "full":
-        return ()
+        return ((),) * shape.num_layers
     names = tuple(shape.linears())
-    if spec.lora_targets == ALL_LINEAR:
-        return names
-    chosen = tuple(n for n in names if n in spec.lora_targets)
-    if not chosen:
+    chosen = _targets_per_layer(names, shape.num_layers, spec.lora_targets, spec.lora_exclude)
+    if not any(chosen):
+        asked = spec.lora_targets if spec.lora_targets == ALL_LINEAR else list(spec.lora_targets)
         raise CuraError(
-            f"LoRA targets {list(spec.lora_targets)} match no linear layer of {shape.name}; use 'all-linear' "
-            f"or names among {', '.join(names)}"
+            f"LoRA targets {asked} (excluding {list(spec.lora_exclude)}) match no linear layer of "
+            f"{shape.name}; use 'all-linear' or names among {', '.join(names)}"
         )
     return chosen
 
 
-def layer_trained_sizes(shape: ModelShape, spec: PlanSpec) -> list[int]:
-    """Elements of each trained tensor of one decoder layer: A (r x in) and B (out x r) per LoRA target;
-    every weight, norm and bias of the layer under full fine-tuning."""
+def lora_targets(shape: ModelShape, spec: PlanSpec) -> tuple[str, ...]:
+    """The linears with an adapter in some layer, in layer order: what the activation terms assume of every
+    layer (exact when the exclusions name no single layer; an upper bound otherwise)."""
+    if spec.method == "full":
+        return ()
+    chosen = set().union(*layer_targets(shape, spec))
+    return tuple(n for n in shape.linears() if n in chosen)
+
+
+def layer_trained_sizes(shape: ModelShape, spec: PlanSpec, layer: int | None = None) -> list[int]:
+    """Elements of each trained tensor of decoder layer `layer` (default: the last, whose backward comes
+    first): A (r x in) and B (out x r) per LoRA target; every weight, norm and bias of the layer under full
+    fine-tuning."""
     linears = shape.linears()
     if spec.method == "full":
         sizes = [a * b for a, b in linears.values()] + [shape.hidden_size] * 2
         return sizes + ([shape.q_dim, shape.kv_dim, shape.kv_dim] if shape.attention_bias else [])
     sizes = []
-    for name in lora_targets(shape, spec):
+    for name in layer_targets(shape, spec)[shape.num_layers - 1 if layer is None else layer]:
         fan_in, fan_out = linears[name]
         sizes += [spec.lora_r * fan_in, fan_out * spec.lora_r]
     return sizes
@@ -196,8 +236,10 @@ def layer_trained_sizes(shape: ModelShape, spec: PlanSpec) -> list[int]:
 def trained_sizes(shape: ModelShape, spec: PlanSpec) -> list[int]:
     """Elements of every trained tensor: each layer's, plus (full fine-tuning) the embedding, an untied
     lm_head and the final norm."""
-    outer = [shape.embedding_params, shape.lm_head_params, shape.hidden_size] if spec.method == "full" else []
-    return layer_trained_sizes(shape, spec) * shape.num_layers + [n for n in outer if n]
+    if spec.method == "full":
+        outer = [shape.embedding_params, shape.lm_head_params, shape.hidden_size]
+        return layer_trained_sizes(shape, spec) * shape.num_layers + [n for n in outer if n]
+    return [n for layer in range(shape.num_layers) for n in layer_trained_sizes(shape, spec, layer)]
 
 
 # ------------------------------------------------------------------------------------- the weights
@@ -271,12 +313,15 @@ def adapters(shape: ModelShape, spec: PlanSpec) -> Term:
     if spec.method == "full":
         return Term("LoRA adapters", 0, "full fine-tuning: no adapters")
     n = sum(trained_sizes(shape, spec))
-    targets = lora_targets(shape, spec)
+    per_layer = {len(t) for t in layer_targets(shape, spec)}
+    if len(per_layer) == 1:
+        where = f"{per_layer.pop()} linears x {shape.num_layers} layers"
+    else:
+        where = f"{sum(map(len, layer_targets(shape, spec)))} linears in {shape.num_layers} layers"
     return Term(
         "LoRA adapters",
         n * spec.param_bytes,
-        f"r={spec.lora_r} on {len(targets)} linears x {shape.num_layers} layers: {n / 1e6:.1f}M x "
-        f"{spec.param_bytes} B",
+        f"r={spec.lora_r} on {where}: {n / 1e6:.1f}M x {spec.param_bytes} B",
     )
 
 
