@@ -171,7 +171,11 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args.folder, args.steps, args.warmup)))
         return
+    write_report(run_modes(args))
 
+
+def run_modes(args) -> dict:
+    """Each mode in its own process on the bundled model; mode -> its result (or its error)."""
     from cura.models import resolve_source
     from cura.models.loading import hf_folder
 
@@ -206,7 +210,11 @@ def main() -> None:
             f"{mode:16} {r['median_step_seconds']:.3f} s/step  peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB",
             file=sys.stderr,
         )
+    return results
 
+
+def write_report(results: dict) -> None:
+    """bench/results/train_cpu.json: the modes' results and the ratios the issue aims at."""
     from cura.hardware import resolve_compute_dtype
 
     STEP, RSS = "median_step_seconds", "peak_rss_bytes"

@@ -11,10 +11,10 @@ Formulas only: nothing here imports torch or cura's train / models / adapters (t
 
 from cura.memory.devices import GPUS, Gpu, MemoryBudget, format_bytes, parse_size, resolve_memory
 from cura.memory.fit import Change, FitResult, fit, max_batch_size, max_seq_len
-from cura.memory.planner import MemoryPlan, PlanSpec, Term, plan
+from cura.memory.planner import plan
 from cura.memory.rules import RuleOfThumb, rules_of_thumb
 from cura.memory.shapes import KNOWN_SHAPES, ModelShape, shape_from_config, shape_from_source
-from cura.memory.spec import resolve_compute_dtype
+from cura.memory.spec import MemoryPlan, PlanSpec, Term, resolve_compute_dtype
 
 __all__ = [
     "GPUS",

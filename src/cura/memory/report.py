@@ -7,8 +7,8 @@ from dataclasses import asdict
 from cura.memory.allocator import fast_malloc_bound
 from cura.memory.devices import COMMON_SIZES_GB, GiB, format_bytes
 from cura.memory.fit import FitResult
-from cura.memory.planner import MemoryPlan
 from cura.memory.rules import rules_of_thumb
+from cura.memory.spec import MemoryPlan
 
 PHASES = {
     "loss": "backward through the output layer (chunked loss)",
