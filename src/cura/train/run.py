@@ -102,11 +102,16 @@ class Run:
 
     def step(self, micro_batches: list[Batch]) -> dict[str, Any]:
         """One optimizer step over `micro_batches` (`cura.train.steps.optimizer_step`)."""
-        c = self.config
         return optimizer_step(
-            self.model, micro_batches, self.optimizer, self.scheduler, self.params,
-            c.loss_chunk_tokens, c.max_grad_norm, self.device,
-        )  # fmt: skip
+            self.model,
+            micro_batches,
+            self.optimizer,
+            self.scheduler,
+            self.params,
+            chunk_tokens=self.config.loss_chunk_tokens,
+            max_grad_norm=self.config.max_grad_norm,
+            device=self.device,
+        )
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) parameters; the frozen 4-bit weights are buffers and counted by their shape."""

@@ -77,7 +77,7 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 def optimizer_step(
-    model, micro_batches, optimizer, scheduler, params, chunk_tokens, max_grad_norm, device
+    model, micro_batches, optimizer, scheduler, params, *, chunk_tokens: int, max_grad_norm: float, device
 ) -> dict:
     """Forward and backward over the micro-batches (loss normalised by the step's trained tokens), clip, and
     step the optimizer unless the loss or gradient norm is not finite; the schedule advances either way."""
