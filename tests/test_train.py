@@ -25,21 +25,20 @@ DEMO_TRAIN = Path(__file__).resolve().parents[1] / "src" / "cura" / "demo" / "or
 @pytest.fixture(scope="module")
 def tiny_source(tmp_path_factory, smol_tokenizer):
     """A tiny Llama saved as a transformers folder, with the real tokenizer and chat template."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
+
+    from tiny import tiny_config
 
     folder = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(
-        vocab_size=len(smol_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=smol_tokenizer.bos_token_id,
-        eos_token_id=smol_tokenizer.eos_token_id,
-        pad_token_id=smol_tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+    config = tiny_config("llama")  # the tiny shape, with the real tokenizer's vocabulary and special tokens
+    config.update(
+        dict(
+            vocab_size=len(smol_tokenizer),
+            bos_token_id=smol_tokenizer.bos_token_id,
+            eos_token_id=smol_tokenizer.eos_token_id,
+            pad_token_id=smol_tokenizer.pad_token_id,
+            tie_word_embeddings=True,
+        )
     )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
