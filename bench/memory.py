@@ -5,7 +5,7 @@
 For each configuration (tiny random models of different shapes written as safetensors folders, and the
 bundled SmolLM2-135M; checkpointing on and off; several batch and sequence sizes; float32 and bfloat16
 compute; LoRA and QLoRA; 32-bit and 8-bit optimizer state), a fresh process builds the model as `cura train`
-does and runs three optimizer steps (`cura.memory.measure`):
+does and runs three optimizer steps (`cura.train.measure`):
 
     CPU   measured = peak RSS during the steps (VmHWM, reset after setup) - RSS after imports
           predicted = plan(...).peak_bytes, framework overhead included
@@ -29,9 +29,10 @@ import time
 from pathlib import Path
 
 from cura.config import from_dict
-from cura.memory import plan, shape_from_source, spec_from_config
-from cura.memory.measure import measure_in_subprocess
+from cura.memory import plan, shape_from_source
 from cura.train.config import TrainConfig
+from cura.train.measure import measure_in_subprocess
+from cura.train.plan import plan_spec
 
 RESULTS = Path(__file__).parent / "results" / "memory.json"
 MiB = 2**20
@@ -96,7 +97,7 @@ def write_models(folder: Path) -> dict[str, str]:
 
 def compare(entry: dict, source: str, device: str, malloc: str) -> dict:
     config = from_dict(TrainConfig, entry["settings"])
-    the_plan = plan(shape_from_source(source), spec_from_config(config, device))
+    the_plan = plan(shape_from_source(source), plan_spec(config, device))
     measured = measure_in_subprocess(source, {**entry["settings"], "cpu_malloc": malloc}, device=device)
     predicted = the_plan.peak_bytes
     if device == "cuda":

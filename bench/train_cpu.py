@@ -103,31 +103,23 @@ def run_peft(quantized: bool, folder: str, dtype: str):
 
 def run_cura(quantized: bool, folder: str, dtype: str):
     import torch
-    from torch.optim.lr_scheduler import LambdaLR
 
-    from cura.adapters import LoraConfig, attach_lora
-    from cura.hardware import resolve_compute_dtype
-    from cura.models import load_model
-    from cura.optim import PagedAdamW
-    from cura.train import TrainConfig
-    from cura.train.loop import optimizer_step
-    from cura.train.steps import enable_activation_checkpointing
+    from cura.adapters import LoraConfig
+    from cura.train import TrainConfig, build_run
 
-    compute_dtype = resolve_compute_dtype(dtype, "cpu")
-    model = load_model(folder, quantize=quantized, compute_dtype=compute_dtype).model
-    attach_lora(model, LoraConfig(r=RANK, alpha=ALPHA, dropout=0.05))
-    enable_activation_checkpointing(model)
-    model.config.use_cache = False
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = PagedAdamW(params, lr=2e-4)
-    sched = LambdaLR(opt, lambda s: 1.0)
-    config = TrainConfig(model=folder)
-    vocab = model.config.vocab_size
-    device = torch.device("cpu")
+    config = TrainConfig(
+        model=folder,
+        method="qlora" if quantized else "lora",
+        compute_dtype=dtype,
+        lora=LoraConfig(r=RANK, alpha=ALPHA, dropout=0.05),
+        schedule="constant",
+        batch_size=BATCH,
+    )
+    run = build_run(config, torch.device("cpu"), with_data=False)  # the setup of `cura train` itself
+    vocab = run.model.config.vocab_size
 
     def step(i):
-        return optimizer_step(model, [batch(vocab, i)], opt, sched, params, config, device)["loss"]
+        return run.step([batch(vocab, i)])["loss"]
 
     return step
 
@@ -179,7 +171,11 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args.folder, args.steps, args.warmup)))
         return
+    write_report(run_modes(args))
 
+
+def run_modes(args) -> dict:
+    """Each mode in its own process on the bundled model; mode -> its result (or its error)."""
     from cura.models import resolve_source
     from cura.models.loading import hf_folder
 
@@ -214,7 +210,11 @@ def main() -> None:
             f"{mode:16} {r['median_step_seconds']:.3f} s/step  peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB",
             file=sys.stderr,
         )
+    return results
 
+
+def write_report(results: dict) -> None:
+    """bench/results/train_cpu.json: the modes' results and the ratios the issue aims at."""
     from cura.hardware import resolve_compute_dtype
 
     STEP, RSS = "median_step_seconds", "peak_rss_bytes"

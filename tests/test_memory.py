@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
@@ -215,6 +216,47 @@ def test_adapter_gradient_and_optimizer_terms_equal_real_lora_and_paged_adamw(ta
         assert planner.gradients(shape, s, "update").bytes == sum(q.grad.nbytes for q in params)
 
 
+@pytest.mark.parametrize(
+    "exclude", [("o_proj",), ("mlp.down_proj", "k_proj"), ("layers.0.self_attn.q_proj", "lm_head")]
+)
+def test_planner_honours_lora_exclude(exclude):
+    """Modules excluded from LoRA get no adapter weights, gradients or optimizer state in the plan: each
+    term equals what the real adapters and PagedAdamW hold; an exclusion that names a linear in every layer
+    gives the same plan, term by term, as leaving it out of the targets."""
+    from cura.adapters import LoraConfig, attach_lora
+    from cura.data import DataConfig
+    from cura.optim import PagedAdamW
+    from cura.optim.paged_adamw import state_bytes
+    from cura.train import TrainConfig, plan_spec
+
+    model = tiny_model("llama")
+    lora = LoraConfig(r=8, exclude=exclude)
+    attach_lora(model, lora)
+    params = [p for p in model.parameters() if p.requires_grad]
+    config = TrainConfig(lora=lora, method="lora", compute_dtype="float32", data=DataConfig(max_length=24))
+    s = plan_spec(config, "cpu")
+    assert s.lora_exclude == exclude
+    shape = shape_from_config(model.config.to_dict())
+    p = plan(shape, s)
+    assert p.term("LoRA adapters") == sum(q.nbytes for q in params)
+    for q in params:
+        q.grad = torch.ones_like(q)
+    opt = PagedAdamW(params)
+    opt.step()
+    assert optimizer_state(shape, s)[0].bytes == state_bytes(opt)
+    assert planner.gradients(shape, s, "update").bytes == sum(q.grad.nbytes for q in params)
+    last = [q for n, q in model.named_parameters() if q.requires_grad and ".layers.1." in n]
+    assert planner.gradients(shape, s, "last_layer").bytes == sum(q.nbytes for q in last)
+    if not any("layers." in n for n in exclude):
+        kept = tuple(n for n in shape.linears() if not any(n == e.rsplit(".", 1)[-1] for e in exclude))
+        same = plan(shape, dataclasses.replace(s, lora_targets=kept, lora_exclude=()))
+        assert [(t.name, t.bytes) for t in p.terms] == [(t.name, t.bytes) for t in same.terms]
+    # without the exclusion the plan holds more: the excluded adapters' weights
+    assert plan(shape, dataclasses.replace(s, lora_exclude=())).term("LoRA adapters") > p.term(
+        "LoRA adapters"
+    )
+
+
 def test_paged_state_lives_on_the_host_on_a_gpu():
     shape = KNOWN_SHAPES["llama-2-7b"]
     on_gpu, host = optimizer_state(shape, spec(device="cuda"))
@@ -265,7 +307,8 @@ def saved_bytes_of_one_layer(shape, s: PlanSpec, input_requires_grad: bool = Tru
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     quantize_model(model, compute_dtype=dtype)
     targets = s.lora_targets if isinstance(s.lora_targets, str) else list(s.lora_targets)
-    attach_lora(model, LoraConfig(r=s.lora_r, dropout=s.lora_dropout, target_modules=targets))
+    lora = LoraConfig(r=s.lora_r, dropout=s.lora_dropout, target_modules=targets, exclude=s.lora_exclude)
+    attach_lora(model, lora)
     model.train()
     b, t = s.batch_size, s.seq_len
     positions = torch.arange(t).expand(b, t).clone()
@@ -298,7 +341,8 @@ def saved_bytes_of_one_layer(shape, s: PlanSpec, input_requires_grad: bool = Tru
      {"lora_targets": ("down_proj",), "lora_dropout": 0.0}, {"lora_targets": ("down_proj",)},
      {"lora_targets": ("o_proj",)}, {"lora_targets": ("o_proj",), "lora_dropout": 0.0},
      {"lora_targets": ("gate_proj", "up_proj", "down_proj"), "compute_dtype": "bfloat16"},
-     {"lora_targets": ("gate_proj", "up_proj", "down_proj"), "lora_dropout": 0.0}],
+     {"lora_targets": ("gate_proj", "up_proj", "down_proj"), "lora_dropout": 0.0},
+     {"lora_exclude": ("o_proj",)}, {"lora_exclude": ("mlp.down_proj", "k_proj"), "lora_dropout": 0.0}],
 )  # fmt: skip
 def test_saved_activations_of_a_layer_equal_what_autograd_saves(changes):
     s = spec(**changes)
@@ -308,41 +352,35 @@ def test_saved_activations_of_a_layer_equal_what_autograd_saves(changes):
     assert saved_bytes_of_one_layer(TINY, s, input_requires_grad=False) == first
 
 
-def dynamic_peak(shape, s: PlanSpec) -> tuple[int, int]:
+def dynamic_peak(shape, s: PlanSpec, folder) -> tuple[int, int]:
     """(profiled peak of live tensor bytes during the second training step above its start, the plan's
     prediction of the same: peak minus weights, adapters, optimizer state and framework overhead)."""
-    from torch.optim.lr_scheduler import LambdaLR
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from cura.adapters import LoraConfig, attach_lora
-    from cura.memory.measure import synthetic_batch
-    from cura.nn.linear4bit import quantize_model
-    from cura.optim import PagedAdamW
-    from cura.train import TrainConfig
-    from cura.train.loop import optimizer_step
-    from cura.train.steps import enable_activation_checkpointing
+    from cura.adapters import LoraConfig
+    from cura.data import DataConfig
+    from cura.train import TrainConfig, build_run
+    from cura.train.measure import synthetic_batch
 
     config = LlamaConfig(vocab_size=shape.vocab_size, hidden_size=shape.hidden_size, tie_word_embeddings=False,
                          intermediate_size=shape.intermediate_size, num_hidden_layers=shape.num_layers,
                          num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_kv_heads)  # fmt: skip
-    config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    quantize_model(model)
-    attach_lora(model, LoraConfig(r=s.lora_r, dropout=s.lora_dropout))
-    if s.gradient_checkpointing:
-        enable_activation_checkpointing(model)
-    model.config.use_cache = False
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = PagedAdamW(params)
-    sched = LambdaLR(opt, lambda _: 1.0)
-    tc = TrainConfig(loss_chunk_tokens=s.loss_chunk_tokens)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    targets = s.lora_targets if isinstance(s.lora_targets, str) else list(s.lora_targets)
+    run_config = TrainConfig(
+        model=str(folder), method=s.method, quant_type=s.quant_type, blocksize=s.blocksize,
+        double_quant=s.double_quant, compute_dtype=s.compute_dtype, optimizer=s.optimizer,
+        lora=LoraConfig(r=s.lora_r, dropout=s.lora_dropout, target_modules=targets),
+        batch_size=s.batch_size, data=DataConfig(max_length=s.seq_len, packing=s.packing),
+        gradient_checkpointing=s.gradient_checkpointing, loss_chunk_tokens=s.loss_chunk_tokens,
+        schedule="constant",
+    )  # fmt: skip
+    run = build_run(run_config, torch.device("cpu"), with_data=False)  # the setup of `cura train` itself
 
     def step(seed):
-        batch = synthetic_batch(shape.vocab_size, s.batch_size, s.seq_len, s.packing, seed)
-        optimizer_step(model, [batch], opt, sched, params, tc, torch.device("cpu"))
+        run.step([synthetic_batch(shape.vocab_size, s.batch_size, s.seq_len, s.packing, seed)])
 
     step(0)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -366,10 +404,10 @@ def dynamic_peak(shape, s: PlanSpec) -> tuple[int, int]:
      ((256, 688, 2, 4, 2, 2000), dict(batch_size=2, seq_len=256, gradient_checkpointing=False, lora_dropout=0.0)),
      ((128, 344, 2, 4, 2, 16000), dict(batch_size=2, seq_len=256, loss_chunk_tokens=256))],  # loss peak
 )  # fmt: skip
-def test_planned_step_memory_matches_profiled_live_tensors(dims, changes):
+def test_planned_step_memory_matches_profiled_live_tensors(dims, changes, tmp_path):
     h, i, layers, heads, kv, vocab = dims
     shape = planner.ModelShape("t", vocab, h, i, layers, heads, kv, h // heads, False)
-    measured, predicted = dynamic_peak(shape, spec(lora_r=16, **changes))
+    measured, predicted = dynamic_peak(shape, spec(lora_r=16, **changes), tmp_path)
     assert abs(predicted - measured) / measured < 0.06, (predicted / MiB, measured / MiB)
 
 
@@ -565,6 +603,33 @@ def test_cli_estimate_errors_are_one_sentence_and_exit_2(capsys, args, message):
     assert err.startswith("error: ") and message in err and "Traceback" not in err
 
 
+NO_TORCH_SCRIPT = """
+import json, sys
+from cura.cli import main
+code = main(["estimate", *json.loads(sys.argv[1])])
+print(json.dumps({"code": code, "torch": sorted(m for m in sys.modules if m.split(".")[0] == "torch")}))
+"""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [[], ["--device", "cpu"], ["--device", "cuda", "--json"], ["--fit", "12GB"], ["--fit", "t4", "--json"],
+     ["--device", "cpu", "--fit", "8GB", "--compute-dtype", "auto"], ["--method", "full", "--device", "cpu"],
+     ["--model", "llama-3-8b", "--lora.r", "8", "--set", "lora.exclude=o_proj", "--device", "cpu"],
+     ["--model", "mistral-7b", "--optimizer", "paged_adamw_8bit", "--packing", "false", "--device", "cpu"]],
+)  # fmt: skip
+def test_cli_estimate_never_imports_torch(args, tmp_path):
+    """`cura estimate` with any flags, --device cpu included, runs in a fresh process without torch."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    done = subprocess.run(
+        [sys.executable, "-c", NO_TORCH_SCRIPT, json.dumps(args)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"code": 0, "torch": []}, done.stderr
+
+
 # ------------------------------------------------------------------------------- measured peaks (RSS)
 
 MEASURED = {
@@ -577,13 +642,12 @@ MEASURED = {
 
 def predicted_and_measured(source: str, settings: dict) -> tuple[int, int]:
     from cura.config import from_dict
-    from cura.memory import spec_from_config
-    from cura.memory.measure import measure_in_subprocess
-    from cura.train import TrainConfig
+    from cura.train import TrainConfig, plan_spec
+    from cura.train.measure import measure_in_subprocess
 
     settings = {"threads": 2, "cpu_malloc": "tight", **settings}
     config = from_dict(TrainConfig, settings)
-    predicted = plan(shape_from_source(source), spec_from_config(config, "cpu")).peak_bytes
+    predicted = plan(shape_from_source(source), plan_spec(config, "cpu")).peak_bytes
     return predicted, measure_in_subprocess(source, settings, steps=2).peak_increase
 
 
@@ -646,7 +710,7 @@ def test_bad_cpu_malloc_is_a_config_error():
 
 RETENTION_SCRIPT = """
 import sys, torch
-from cura.memory.measure import proc_status
+from cura.train.measure import proc_status
 from cura.train import TrainConfig
 from cura.train.autofit import apply_cpu_malloc
 

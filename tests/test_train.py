@@ -16,7 +16,7 @@ import torch
 
 from cura.errors import CuraError
 from cura.train import TrainConfig, TrainHooks, train
-from cura.train.checkpoint import latest_checkpoint
+from cura.train.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from cura.train.steps import loss_sum, lr_lambda
 
 DEMO_TRAIN = Path(__file__).resolve().parents[1] / "src" / "cura" / "demo" / "orders_train.jsonl"
@@ -24,22 +24,21 @@ DEMO_TRAIN = Path(__file__).resolve().parents[1] / "src" / "cura" / "demo" / "or
 
 @pytest.fixture(scope="module")
 def tiny_source(tmp_path_factory, chat_tokenizer):
-    """A tiny Llama saved as a transformers folder, with the tiny ChatML tokenizer."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    """A tiny Llama saved as a transformers folder, with the tiny ChatML tokenizer (tests/tiny.py)."""
+    from transformers import AutoModelForCausalLM
+
+    from tiny import tiny_config
 
     folder = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(
-        vocab_size=len(chat_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=chat_tokenizer.bos_token_id,
-        eos_token_id=chat_tokenizer.eos_token_id,
-        pad_token_id=chat_tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+    config = tiny_config("llama")  # the tiny shape, with the tiny tokenizer's vocabulary and special tokens
+    config.update(
+        dict(
+            vocab_size=len(chat_tokenizer),
+            bos_token_id=chat_tokenizer.bos_token_id,
+            eos_token_id=chat_tokenizer.eos_token_id,
+            pad_token_id=chat_tokenizer.pad_token_id,
+            tie_word_embeddings=True,
+        )
     )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
@@ -110,6 +109,40 @@ def test_schedules():
     assert cosine(6) == pytest.approx(0.5)
     assert lr_lambda("constant", 0, 10)(9) == 1.0
     assert lr_lambda("linear", 0, 10)(5) == pytest.approx(0.5)
+
+
+def test_trainer_state_round_trips_and_old_checkpoints_still_load(tmp_path):
+    from torch.optim.lr_scheduler import LambdaLR
+
+    def optimizer_and_schedule():
+        params = [torch.nn.Parameter(torch.arange(3.0))]
+        opt = torch.optim.AdamW(params, lr=0.1)
+        return params, opt, LambdaLR(opt, lambda s: 1.0 / (s + 1))
+
+    params, opt, sched = optimizer_and_schedule()
+    params[0].grad = torch.ones(3)
+    opt.step()
+    sched.step()
+    state = TrainerState(step=7, total_steps=10, epoch=1, index=3, eval_loss_before=2.5, last_eval_loss=1.5,
+                         bad_streak=1, skipped=2)  # fmt: skip
+    path = save_checkpoint(
+        tmp_path, state, save_adapter_to=lambda folder: None, optimizer=opt, scheduler=sched
+    )
+    assert path.name == "step-000007"
+    _, opt2, sched2 = optimizer_and_schedule()
+    assert load_checkpoint(path, optimizer=opt2, scheduler=sched2) == state
+    torch.testing.assert_close(
+        opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"]
+    )
+    assert sched2.state_dict() == sched.state_dict()
+    # a checkpoint written before TrainerState existed: the same keys but last_eval_loss
+    record = json.loads((path / "trainer_state.json").read_text())
+    del record["last_eval_loss"]
+    (path / "trainer_state.json").write_text(json.dumps(record))
+    _, opt3, sched3 = optimizer_and_schedule()
+    old = load_checkpoint(path, optimizer=opt3, scheduler=sched3)
+    assert old == TrainerState(step=7, total_steps=10, epoch=1, index=3, eval_loss_before=2.5, bad_streak=1,
+                               skipped=2)  # fmt: skip
 
 
 def test_run_writes_adapter_metrics_summary_plot(tiny_source, tiny_data, tmp_path):

@@ -13,34 +13,20 @@ are never rounded to bf16.
 from __future__ import annotations
 
 import platform
-from functools import cache
 from pathlib import Path
 
 import torch
 
 from cura.constants import COMPUTE_DTYPES
+from cura.memory.devices import CPU_BF16_FLAGS as _CPU_BF16_FLAGS
+from cura.memory.devices import cpu_flags as _cpu_flags
 
-__all__ = ["COMPUTE_DTYPES", "default_device", "native_bf16", "resolve_compute_dtype"]
-_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+__all__ = ["COMPUTE_DTYPES", "default_device", "describe_machine", "native_bf16", "resolve_compute_dtype"]
 
 
 def default_device() -> torch.device:
     """The device runs use: the first CUDA GPU when there is one, else the CPU."""
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-@cache
-def _cpu_flags() -> frozenset[str]:
-    if platform.system() != "Linux":
-        return frozenset()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
 
 
 def native_bf16(device: torch.device | str) -> bool:

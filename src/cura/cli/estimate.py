@@ -108,9 +108,10 @@ def settings_from_args(args) -> tuple[dict, str | None]:
 
 
 def run(args) -> int:
-    from cura.memory import fit, plan, resolve_memory, shape_from_source, spec_from_config
+    from cura.memory import fit, plan, resolve_memory, shape_from_source
     from cura.memory.report import fit_to_dict, format_fit, format_plan, plan_to_dict
     from cura.train.config import TrainConfig
+    from cura.train.plan import plan_spec
 
     if args.list:
         print(list_models())
@@ -121,7 +122,7 @@ def run(args) -> int:
     device = args.device or (budget.device if budget and budget.device else "cuda")
     native_bf16 = budget.bf16 if budget else None
     shape = shape_from_source(config.model)
-    spec = spec_from_config(config, device, method=method, native_bf16=native_bf16)
+    spec = plan_spec(config, device, method=method, native_bf16=native_bf16)
     the_plan = plan(shape, spec)
     result = fit(shape, spec, budget.bytes, bf16_ok=native_bf16 is not False) if budget else None
     if args.json:

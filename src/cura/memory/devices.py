@@ -7,8 +7,11 @@ reported: a "24 GB" RTX 4090 has 24,564 MiB, an "80 GB" A100 has 81,920 MiB (nvi
 
 from __future__ import annotations
 
+import platform
 import re
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 
 from cura.errors import CuraError
 
@@ -109,3 +112,28 @@ def format_bytes(n: float) -> str:
             value = n / size
             return f"{value:.3g} {unit}" if value < 1000 else f"{value:,.0f} {unit}"
     return f"{n:.0f} B"
+
+
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+"""x86 flags of native bfloat16 matrix multiplies (oneDNN uses them; elsewhere bf16 is emulated, slower)."""
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags from /proc/cpuinfo (Linux); empty elsewhere."""
+    if platform.system() != "Linux":
+        return frozenset()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def cpu_native_bf16() -> bool:
+    """True when this CPU multiplies bfloat16 in hardware (by its flags; `cura.hardware.native_bf16` also
+    asks torch whether its oneDNN backend is built in, which every x86 wheel has)."""
+    return any(flag in cpu_flags() for flag in CPU_BF16_FLAGS)

@@ -28,8 +28,9 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from cura.memory.planner import MemoryPlan, PlanSpec, plan
+from cura.memory.planner import plan
 from cura.memory.shapes import ModelShape
+from cura.memory.spec import MemoryPlan, PlanSpec
 
 MIN_LOSS_CHUNK = 128
 MIN_RANK = 4

@@ -7,8 +7,8 @@ from dataclasses import asdict
 from cura.memory.allocator import fast_malloc_bound
 from cura.memory.devices import COMMON_SIZES_GB, GiB, format_bytes
 from cura.memory.fit import FitResult
-from cura.memory.planner import MemoryPlan
 from cura.memory.rules import rules_of_thumb
+from cura.memory.spec import MemoryPlan
 
 PHASES = {
     "loss": "backward through the output layer (chunked loss)",
@@ -36,6 +36,9 @@ def describe_run(p: MemoryPlan) -> str:
         if s.method == "full"
         else f", LoRA r={s.lora_r} on {s.lora_targets if isinstance(s.lora_targets, str) else ','.join(s.lora_targets)}"
     )
+    excluded = [n for n in s.lora_exclude if n != "lm_head"]  # lm_head is never a target anyway
+    if lora and excluded:
+        lora += f" excluding {','.join(excluded)}"
     return (
         f"{shape.name} ({shape.total_params / 1e9:.3g}B parameters), {base}{lora}, {s.optimizer}, "
         f"{s.compute_dtype} compute, batch {s.batch_size} x {s.seq_len} tokens, checkpointing "

@@ -14,10 +14,11 @@ from collections.abc import Callable
 
 from cura.config import from_dict, set_path
 from cura.errors import CuraError
-from cura.memory import fit, format_bytes, plan, resolve_memory, shape_from_source, spec_from_config
+from cura.memory import fit, format_bytes, plan, resolve_memory, shape_from_source
 from cura.memory.fit import Change, FitResult
 from cura.memory.report import config_key
 from cura.train.config import TrainConfig
+from cura.train.plan import plan_spec
 
 
 def _say(message: str) -> None:
@@ -61,7 +62,7 @@ def auto_fit(config: TrainConfig, memory: str, *, say: Callable[[str], None] = _
     device = default_device()
     bf16 = native_bf16(device)
     shape = shape_from_source(config.model)
-    spec = spec_from_config(config, device.type, native_bf16=bf16)
+    spec = plan_spec(config, device.type, native_bf16=bf16)
     result = fit(shape, spec, budget.bytes, bf16_ok=bf16)
     if not result.fits:
         raise CuraError(
@@ -87,7 +88,7 @@ def apply_cpu_malloc(config: TrainConfig, say: Callable[[str], None] = _say) -> 
     peak = None
     if config.cpu_malloc == "auto":
         try:
-            spec = spec_from_config(config, "cpu", native_bf16=native_bf16("cpu"))
+            spec = plan_spec(config, "cpu", native_bf16=native_bf16("cpu"))
             peak = plan(shape_from_source(config.model), spec).peak_bytes
         except CuraError:
             peak = None  # a source the planner cannot read the shape of: keep glibc's default

@@ -4,8 +4,8 @@ A checkpoint is a folder `checkpoints/step-000050/` holding everything an exact 
 
     adapter_model.safetensors + adapter_config.json   the LoRA weights (PEFT layout)
     optimizer.safetensors                             every tensor of the optimizer state
-    trainer_state.json                                step, data position, scheduler, RNG-free state,
-                                                      optimizer param groups and scalar state
+    trainer_state.json                                `TrainerState` (step, data position, counters),
+                                                      the scheduler, optimizer param groups and scalar state
     rng.safetensors                                   torch (and CUDA) RNG states
 
 It is written into `checkpoints/.tmp-step-000050/` and renamed into place only when complete, so an
@@ -15,10 +15,12 @@ pickle is involved: tensors go through safetensors, the rest through JSON.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,33 @@ from cura.errors import CuraError
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 COMPLETE_MARKER = "trainer_state.json"
+
+
+@dataclass
+class TrainerState:
+    """What the loop counts, written to trainer_state.json with every checkpoint and restored on resume.
+
+    The RNG states are tensors and travel beside it in rng.safetensors (restored by `load_checkpoint`); the
+    optimizer and scheduler states are their own objects' `state_dict`s. Field names are those of the
+    checkpoints written before this class existed, so those still resume.
+    """
+
+    step: int = 0  # optimizer steps done
+    total_steps: int = 0
+    epoch: int = 0  # data position: the epoch of the next micro-batch ...
+    index: int = 0  # ... and its index in that epoch's order
+    eval_loss_before: float | None = None  # held-out loss of the base model (measured once, kept on resume)
+    last_eval_loss: float | None = None  # the latest held-out loss measured during training
+    bad_streak: int = 0  # non-finite steps in a row (the run stops at config.max_bad_steps)
+    skipped: int = 0  # non-finite steps skipped in all
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainerState:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:
@@ -80,17 +109,16 @@ def set_rng_state(states: dict[str, torch.Tensor]) -> None:
 
 def save_checkpoint(
     root: Path,
-    step: int,
+    state: TrainerState,
     *,
     save_adapter_to,  # callable(folder) writing the adapter files
     optimizer: torch.optim.Optimizer,
     scheduler,
-    trainer_state: dict[str, Any],
     keep: int = 2,
 ) -> Path:
-    """Write checkpoint `step` atomically and prune old ones, keeping the newest `keep`."""
+    """Write the checkpoint of `state.step` atomically and prune old ones, keeping the newest `keep`."""
     root.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_dir(root, step)
+    final = checkpoint_dir(root, state.step)
     tmp = root / f".tmp-{final.name}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -99,9 +127,9 @@ def save_checkpoint(
     tensors, meta = _optimizer_to_flat(optimizer.state_dict())
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     save_file({k: v.contiguous() for k, v in rng_state().items()}, str(tmp / "rng.safetensors"))
-    state = dict(trainer_state, step=step, optimizer=meta, scheduler=scheduler.state_dict())
+    record = dict(state.to_json(), optimizer=meta, scheduler=scheduler.state_dict())
     # trainer_state.json is written last: its presence marks the folder as complete.
-    (tmp / COMPLETE_MARKER).write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
+    (tmp / COMPLETE_MARKER).write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
     if final.exists():  # a re-save of the same step (e.g. the final save after an interval save)
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -131,7 +159,7 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def load_checkpoint(path: Path, *, optimizer: torch.optim.Optimizer, scheduler) -> dict[str, Any]:
+def load_checkpoint(path: Path, *, optimizer: torch.optim.Optimizer, scheduler) -> TrainerState:
     """Restore optimizer, scheduler and RNG from `path`; returns the trainer state (step, data position...)."""
     try:
         state = json.loads((path / COMPLETE_MARKER).read_text(encoding="utf-8"))
@@ -144,4 +172,4 @@ def load_checkpoint(path: Path, *, optimizer: torch.optim.Optimizer, scheduler) 
     optimizer.load_state_dict(_optimizer_from_flat(tensors, state.pop("optimizer")))
     scheduler.load_state_dict(state.pop("scheduler"))
     set_rng_state(rng)
-    return state
+    return TrainerState.from_json(state)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -101,3 +102,54 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TB"
+
+
+def log_row(step: int, epoch: int, result: dict, seconds: float, memory_bytes: int) -> dict[str, Any]:
+    """The metrics.jsonl line of one optimizer step (`result` is `cura.train.steps.optimizer_step`'s)."""
+    row = {
+        "step": step,
+        "epoch": epoch,
+        "loss": result["loss"],
+        "lr": result["lr"],
+        "grad_norm": result["grad_norm"] if math.isfinite(result["grad_norm"]) else None,
+        "trained_tokens": result["trained_tokens"],
+        "tokens_per_second": result["input_tokens"] / seconds if seconds else None,
+        "seconds": seconds,
+        "memory_bytes": memory_bytes,
+    }
+    if not result["finite"]:
+        row["skipped"] = True
+    return row
+
+
+def postfix(row: dict[str, Any]) -> str:
+    """The progress bar's text after a step."""
+    loss = "skipped" if row["loss"] is None else f"{row['loss']:.4f}"
+    text = f"loss {loss} lr {row['lr']:.2e} {row['tokens_per_second'] or 0:.0f} tok/s mem {human_bytes(row['memory_bytes'])}"
+    if row.get("eval_loss") is not None:
+        text += f" eval {row['eval_loss']:.4f}"
+    return text
+
+
+def progress_bar(enabled: bool, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, initial=initial, desc="training", unit="step", disable=not enabled, dynamic_ncols=True
+    )
+
+
+def summary_text(s: dict[str, Any], out: Path) -> str:
+    """What a run says when it ends: losses before and after, speed, memory, where its files are."""
+
+    def fmt(x):
+        return "n/a" if x is None else f"{x:.4f}"
+
+    lines = [
+        f"steps {s['steps']}/{s['total_steps']}; train loss {fmt(s['train_loss_first'])} -> {fmt(s['train_loss_last'])}; "
+        f"held-out loss {fmt(s['eval_loss_before'])} -> {fmt(s['eval_loss_after'])}",
+        f"{s['tokens_per_second'] or 0:.0f} tokens/s; peak memory {human_bytes(s['peak_memory_bytes'])}; "
+        f"{s['wall_seconds']:.0f} s in all",
+        f"adapter: {s['adapter_dir']}  metrics: {out / 'metrics.jsonl'}  plot: {out / 'loss.png'}",
+    ]
+    return "\n".join(lines)

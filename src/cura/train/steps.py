@@ -1,4 +1,5 @@
-"""The named steps of one optimizer step: loss, schedule, stop signals, memory readings.
+"""The named steps of one optimizer step: loss, forward/backward/update, held-out loss, schedule, stop
+signals, memory readings.
 
 The loss is computed only where it is needed: hidden states at the trained positions (labels != -100) go
 through the output layer a chunk at a time, each chunk under activation checkpointing, so the full
@@ -69,6 +70,57 @@ def loss_sum(
         else:
             total = total + _chunk_loss_sum(h, t, head, softcap)
     return total, n_tokens
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def optimizer_step(
+    model, micro_batches, optimizer, scheduler, params, *, chunk_tokens: int, max_grad_norm: float, device
+) -> dict:
+    """Forward and backward over the micro-batches (loss normalised by the step's trained tokens), clip, and
+    step the optimizer unless the loss or gradient norm is not finite; the schedule advances either way."""
+    n_trained = sum(count_trained_tokens(b) for b in micro_batches)
+    loss_total = 0.0
+    for batch in micro_batches:
+        s, _ = loss_sum(model, to_device(batch, device), chunk_tokens)
+        (s / max(n_trained, 1)).backward()
+        loss_total += float(s.detach())
+    loss = loss_total / max(n_trained, 1)
+    max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    lr = optimizer.param_groups[0]["lr"]
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return {
+        "loss": loss if finite else None,
+        "raw_loss": loss,
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "finite": finite,
+        "trained_tokens": n_trained,
+        "input_tokens": sum(count_input_tokens(b) for b in micro_batches),
+    }
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, eval_batches, device: torch.device, chunk: int) -> float | None:
+    """Token-weighted mean cross-entropy over the trained (answer) tokens of the eval batches."""
+    if not eval_batches:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in eval_batches:
+        s, n = loss_sum(model, to_device(batch, device), chunk)
+        total += float(s)
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
 
 
 def count_trained_tokens(batch: dict[str, torch.Tensor]) -> int:

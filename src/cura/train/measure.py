@@ -2,12 +2,12 @@
 
 Each measurement runs in a fresh Python process (`measure_in_subprocess`), so the numbers are that run's own:
 
-    choose glibc's allocator mode as `cura train` does (the config's cpu_malloc, `cura.memory.allocator`)
+    choose glibc's allocator mode as `cura train` does (`cura.train.run.prepare_process`)
     import torch, transformers, cura (and the model's transformers class)   -> baseline
-    build the model exactly as `cura.train` does: 4-bit base (or full precision), LoRA, checkpointing,
-    the run's optimizer                                                       -> setup
+    `build_run(config, device, with_data=False)`: the run's own model setup (4-bit base or full precision,
+    LoRA, checkpointing, the run's optimizer)                                 -> setup
     reset the peak (Linux: write "5" to /proc/self/clear_refs resets VmHWM)
-    `optimizer_step` on synthetic batches of the configured shape, a few times -> peak
+    `Run.step` on synthetic batches of the configured shape, a few times -> peak
 
 CPU: peak = VmHWM (peak resident set) - baseline RSS. CUDA: `torch.cuda.max_memory_allocated()`, which does
 not include the CUDA context. The batches are the loop's own (`cura.data.packing`): packed rows of two
@@ -101,43 +101,19 @@ def measure_steps(source: str, config, *, steps: int = 3, device: str = "cpu") -
     """Build `source` as `cura.train` does for `config` (a TrainConfig) and run `steps` optimizer steps;
     call it in a fresh process. On a CPU, config.cpu_malloc decides glibc's allocator mode as in a run."""
     import torch
-    from torch.optim.lr_scheduler import LambdaLR
 
-    from cura.adapters import attach_lora
-    from cura.hardware import resolve_compute_dtype
-    from cura.models.loading import QuantSpec, hf_folder, load_checkpoint
+    from cura.models.loading import hf_folder
     from cura.models.sources import resolve_source
-    from cura.train.autofit import apply_cpu_malloc
-    from cura.train.loop import make_optimizer, optimizer_step
-    from cura.train.steps import enable_activation_checkpointing
+    from cura.train.run import build_run, prepare_process
 
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    pinned = apply_cpu_malloc(config, say=lambda message: None) if device == "cpu" else False
-    folder = hf_folder(*resolve_source(source))
-    _import_model_class(folder)
+    config = config.replace(model=source)
+    _, pinned = prepare_process(config, torch.device(device), say=lambda message: None)
+    _import_model_class(hf_folder(*resolve_source(source)))
     on_cuda = device == "cuda"
     baseline = torch.cuda.memory_allocated() if on_cuda else proc_status()["VmRSS"]
 
-    dtype = resolve_compute_dtype(config.compute_dtype, device)
-    spec = (
-        QuantSpec(config.quant_type, config.blocksize, config.double_quant)
-        if config.method == "qlora"
-        else None
-    )
-    model = load_checkpoint(folder, spec, compute_dtype=dtype, device=device)
-    torch.manual_seed(config.seed)
-    attach_lora(model, config.lora)
-    model.to(device)
-    if config.gradient_checkpointing:
-        enable_activation_checkpointing(model)
-    model.config.use_cache = False
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(config, params)
-    scheduler = LambdaLR(optimizer, lambda s: 1.0)
-    vocab = model.config.vocab_size
-
+    run = build_run(config, torch.device(device), with_data=False)
+    vocab = run.model.config.vocab_size
     setup = torch.cuda.memory_allocated() if on_cuda else proc_status()["VmRSS"]
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -147,7 +123,7 @@ def measure_steps(source: str, config, *, steps: int = 3, device: str = "cpu") -
     start = time.perf_counter()
     for step in range(steps):
         batch = synthetic_batch(vocab, config.batch_size, config.data.max_length, config.data.packing, step)
-        optimizer_step(model, [batch], optimizer, scheduler, params, config, torch.device(device))
+        run.step([batch])
         del batch
     seconds = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated() if on_cuda else proc_status()["VmHWM"]
@@ -162,7 +138,7 @@ def measure_in_subprocess(
     device: str = "cpu",
     timeout: float = 600,
 ) -> Measurement:
-    """`measure_steps` in a fresh `python -m cura.memory.measure` process; `settings` are TrainConfig keys
+    """`measure_steps` in a fresh `python -m cura.train.measure` process; `settings` are TrainConfig keys
     as nested plain data (e.g. {"batch_size": 2, "cpu_malloc": "tight", "data": {"max_length": 256}})."""
     request = {
         "source": source,
@@ -172,7 +148,7 @@ def measure_in_subprocess(
     }
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(
-        [sys.executable, "-m", "cura.memory.measure", json.dumps(request)],
+        [sys.executable, "-m", "cura.train.measure", json.dumps(request)],
         capture_output=True,
         text=True,
         timeout=timeout,
