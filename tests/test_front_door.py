@@ -96,8 +96,8 @@ def test_demo_is_lighter_where_compute_is_float32():
 def test_demo_says_how_long_it_will_take():
     from cura.demo import ANSWERS_IN_STEPS, expected_duration
 
-    line = expected_duration(6.0, 30)
-    assert f"about {(29 + ANSWERS_IN_STEPS) * 6 // 60} min" in line and "29 more steps" in line
+    line = expected_duration(6.0, 28)
+    assert f"about {(28 + ANSWERS_IN_STEPS) * 6 // 60} min" in line and "28 more steps" in line
 
 
 def test_machine_description_names_the_cpu_and_its_flags():

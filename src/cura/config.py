@@ -8,8 +8,14 @@ fields, so no default is restated anywhere else.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
+import inspect
+import io
+import textwrap
+import tokenize
 import types
 import typing
 from pathlib import Path
@@ -49,83 +55,18 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        args = get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and _NONE in args):
-            if _NONE in args:
-                return None
-        errors = []
-        for arg in args:
-            if arg is _NONE:
-                continue
-            try:
-                return coerce(value, arg, key)
-            except CuraError as exc:
-                errors.append(exc)
-        raise CuraError(f"config key '{key}' must be {describe_type(tp)}, got {value!r}")
+        return _coerce_union(value, tp, key)
     if origin is Literal:
         allowed = get_args(tp)
         if value in allowed:
             return value
         raise CuraError(f"config key '{key}' must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
-            return False
-        raise CuraError(f"config key '{key}' must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise CuraError(f"config key '{key}' must be an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                pass
-        raise CuraError(f"config key '{key}' must be an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise CuraError(f"config key '{key}' must be a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise CuraError(f"config key '{key}' must be a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, Path)):
-            return str(value)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise CuraError(f"config key '{key}' must be a string, got {value!r}")
+    if tp in _SCALARS:
+        return _SCALARS[tp](value, key)
     if origin in (list, tuple):
-        (item_tp, *_rest) = get_args(tp) or (Any,)
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise CuraError(f"config key '{key}' must be a list, got {value!r}")
-        items = [coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
+        return _coerce_sequence(value, tp, key)
     if origin is dict:
-        key_tp, val_tp = get_args(tp) or (Any, Any)
-        if isinstance(value, str):  # "a=b,c=d"
-            pairs = [p for p in value.split(",") if p.strip()]
-            try:
-                value = dict(p.split("=", 1) for p in pairs)
-            except ValueError:
-                raise CuraError(
-                    f"config key '{key}' must be a mapping like 'a=b,c=d', got {value!r}"
-                ) from None
-        if not isinstance(value, dict):
-            raise CuraError(f"config key '{key}' must be a mapping, got {value!r}")
-        return {coerce(k, key_tp, key): coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+        return _coerce_mapping(value, tp, key)
     if is_config(tp):
         if isinstance(value, tp):
             return value
@@ -133,6 +74,88 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             raise CuraError(f"config section '{key}' must be a mapping of keys, got {value!r}")
         return from_dict(tp, value, prefix=f"{key}.")
     return value
+
+
+def _coerce_union(value: Any, tp: Any, key: str) -> Any:
+    args = get_args(tp)
+    if _NONE in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+        return None
+    for arg in args:
+        if arg is _NONE:
+            continue
+        try:
+            return coerce(value, arg, key)
+        except CuraError:
+            continue
+    raise CuraError(f"config key '{key}' must be {describe_type(tp)}, got {value!r}")
+
+
+def _coerce_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+        return True
+    if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+        return False
+    raise CuraError(f"config key '{key}' must be true or false, got {value!r}")
+
+
+def _coerce_int(value: Any, key: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.replace("_", ""))
+        except ValueError:
+            pass
+    raise CuraError(f"config key '{key}' must be an integer, got {value!r}")
+
+
+def _coerce_float(value: Any, key: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise CuraError(f"config key '{key}' must be a number, got {value!r}")
+
+
+def _coerce_str(value: Any, key: str) -> str:
+    if isinstance(value, (str, Path)):
+        return str(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise CuraError(f"config key '{key}' must be a string, got {value!r}")
+
+
+_SCALARS = {bool: _coerce_bool, int: _coerce_int, float: _coerce_float, str: _coerce_str}
+
+
+def _coerce_sequence(value: Any, tp: Any, key: str) -> list | tuple:
+    (item_tp, *_rest) = get_args(tp) or (Any,)
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)):
+        raise CuraError(f"config key '{key}' must be a list, got {value!r}")
+    items = [coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    return tuple(items) if get_origin(tp) is tuple else items
+
+
+def _coerce_mapping(value: Any, tp: Any, key: str) -> dict:
+    key_tp, val_tp = get_args(tp) or (Any, Any)
+    if isinstance(value, str):  # "a=b,c=d"
+        pairs = [p for p in value.split(",") if p.strip()]
+        try:
+            value = dict(p.split("=", 1) for p in pairs)
+        except ValueError:
+            raise CuraError(f"config key '{key}' must be a mapping like 'a=b,c=d', got {value!r}") from None
+    if not isinstance(value, dict):
+        raise CuraError(f"config key '{key}' must be a mapping, got {value!r}")
+    return {coerce(k, key_tp, key): coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
 
 
 def unknown_key_error(key: str, known: list[str]) -> CuraError:
@@ -192,17 +215,64 @@ def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def field_help(tp: Any, f: dataclasses.Field) -> str:
-    """A flag's help line from its field: the accepted values and the default (from the dataclass)."""
+def field_help(tp: Any, f: dataclasses.Field, doc: str | None = None) -> str:
+    """A flag's help line from its field: what it means (`doc`, see `field_docs`), then the accepted values
+    and the default (from the dataclass)."""
     if f.default is not dataclasses.MISSING:
         default = f.default
     elif f.default_factory is not dataclasses.MISSING:
         default = f.default_factory()
     else:
-        return describe_type(tp)
+        return f"{doc} ({describe_type(tp)})" if doc else describe_type(tp)
     if isinstance(default, tuple):
         default = ",".join(map(str, default)) or "none"
-    return f"{describe_type(tp)}; default {default}"
+    values = f"{describe_type(tp)}; default {default}"
+    return f"{doc} ({values})" if doc else values
+
+
+@functools.cache
+def field_docs(cls) -> dict[str, str]:
+    """Each field's documentation as written in the dataclass's source: a string right after the field (an
+    attribute docstring), else the comment at the end of its line, else the comment lines just above it."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source (a frozen or interactive class): no docs, not an error
+        return {}
+    trailing, above = {}, {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            text = tok.string.lstrip("#").strip()
+            (above if tok.line.lstrip().startswith("#") else trailing)[tok.start[0]] = text
+    body = ast.parse(source).body[0].body
+    docs = {}
+    for i, node in enumerate(body):
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        after = body[i + 1] if i + 1 < len(body) else None
+        if isinstance(after, ast.Expr) and isinstance(getattr(after, "value", None), ast.Constant):
+            if isinstance(after.value.value, str):
+                docs[node.target.id] = " ".join(after.value.value.split())
+                continue
+        if node.end_lineno in trailing:
+            docs[node.target.id] = trailing[node.end_lineno]
+            continue
+        lines, line = [], node.lineno - 1
+        while line in above:
+            lines.insert(0, above[line])
+            line -= 1
+        if lines:
+            docs[node.target.id] = " ".join(lines)
+    return docs
+
+
+def leaf_docs(cls, prefix: str = "") -> dict[str, str]:
+    """`field_docs` of a nested config class, by dotted key."""
+    out = {prefix + name: doc for name, doc in field_docs(cls).items()}
+    hints = _hints(cls)
+    for name in _fields(cls):
+        if is_config(hints[name]):
+            out.update(leaf_docs(hints[name], f"{prefix}{name}."))
+    return out
 
 
 def leaf_fields(cls, prefix: str = "") -> list[tuple[str, Any, dataclasses.Field]]:

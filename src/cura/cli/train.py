@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from cura.cli import SUBCOMMANDS, config_settings
-from cura.config import field_help, from_dict, leaf_fields, set_path
+from cura.config import field_help, from_dict, leaf_docs, leaf_fields, set_path
 
 # short flag -> config key
 ALIASES = {
@@ -47,7 +47,9 @@ def register(sub) -> None:
         help=SUBCOMMANDS["train"],
         usage="cura train [CONFIG.yaml] [--KEY VALUE ...]",
         description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(
+            prog, max_help_position=30, width=116
+        ),
     )
     p.add_argument("config", nargs="?", help="a YAML file with any of the keys below (flags override it)")
     for alias, key in ALIASES.items():
@@ -81,6 +83,7 @@ def register(sub) -> None:
         help="shrink batch size / sequence length so the run fits in MEMORY (e.g. 12GB or a GPU name)",
     )
     taken = set(ALIASES)
+    docs = leaf_docs(TrainConfig)
     for key, tp, f in leaf_fields(TrainConfig):
         if key in taken:
             continue
@@ -91,7 +94,7 @@ def register(sub) -> None:
             dest=f"cfg:{key}",
             default=argparse.SUPPRESS,
             metavar="VALUE",
-            help=field_help(tp, f),
+            help=field_help(tp, f, docs.get(key)),
             **extra,
         )
     p.add_argument(  # the demo only: how many held-out prompts it scores (CI runs a short demo)

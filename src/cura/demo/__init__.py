@@ -113,13 +113,16 @@ def run_demo(config, prompts_scored: int = SCORED) -> int:
         before.extend(answers(model, tokenizer, "base model's"))  # LoRA's B starts at zero: the 4-bit base
 
     def on_step_end(step: int, row: dict[str, Any]) -> None:
-        if step == 1 and row.get("seconds"):
-            say(expected_duration(row["seconds"], config.max_steps))
+        # step 1 also pays one-time costs (the CPU's matmul kernels are prepared for each new shape), so the
+        # estimate is read off step 2; a one-step run has nothing left to estimate
+        if step == 2 and row.get("seconds"):
+            say(expected_duration(row["seconds"], config.max_steps - 2))
 
     say(
         f"cura demo: QLoRA fine-tune of {config.model} to answer orders in one JSON format "
         f"({config.max_steps} steps of {config.batch_size} x {config.data.max_length} tokens, "
-        f"{config.compute_dtype} compute; output in {config.output_dir})"
+        f"{'float32' if float32_compute(config.compute_dtype) else 'bfloat16'} compute; output in "
+        f"{config.output_dir})"
     )
     result = train(config, hooks=TrainHooks(on_model_ready=on_model_ready, on_step_end=on_step_end))
     if not result.get("completed"):
@@ -138,13 +141,13 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def expected_duration(first_step_seconds: float, steps: int) -> str:
-    """What the rest of the demo should take, from the first step's time (the steps are alike; the answers
-    after training cost about as much as 10 steps, measured on the bundled model)."""
-    rest = first_step_seconds * (steps - 1 + ANSWERS_IN_STEPS)
+def expected_duration(step_seconds: float, steps_left: int) -> str:
+    """What the rest of the demo should take, from one step's time: the steps are alike, and generating the
+    fine-tuned model's answers costs about ANSWERS_IN_STEPS steps (measured on the bundled model)."""
+    rest = step_seconds * (steps_left + ANSWERS_IN_STEPS)
     return (
-        f"first step took {first_step_seconds:.1f} s: the demo should be done in about "
-        f"{_minutes(rest)} ({steps - 1} more steps, then the fine-tuned model's answers)"
+        f"a step takes {step_seconds:.1f} s here: the demo should be done in about {_minutes(rest)} "
+        f"({steps_left} more steps, then the fine-tuned model's answers)"
     )
 
 

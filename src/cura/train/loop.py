@@ -26,6 +26,7 @@ from cura.adapters import load_adapter, save_adapter
 from cura.atomic import atomic_folder
 from cura.config import to_dict
 from cura.errors import CuraError
+from cura.hardware import default_device
 from cura.models import BaseSpec
 from cura.train.checkpoint import (
     TrainerState,
@@ -35,6 +36,7 @@ from cura.train.checkpoint import (
     write_json_atomic,
 )
 from cura.train.config import TrainConfig
+from cura.train.preflight import preflight
 from cura.train.report import (
     MetricsLog,
     log_row,
@@ -96,6 +98,7 @@ def train(config: TrainConfig, *, hooks: TrainHooks | None = None, say: Say = _s
     started = time.perf_counter()
     out = Path(config.output_dir)
     check_output_folder(out, config)
+    preflight(config, default_device())  # the sequence fits the model's context, the plan fits the memory
     device, _ = prepare_process(config, say=say)
     run = build_run(config, device, say=say)
     say(describe_model(run))

@@ -44,3 +44,20 @@ def device_available_bytes(device_type: str) -> tuple[int | None, str]:
     from cura.memory.allocator import available_memory
 
     return available_memory(), "this machine (MemAvailable)"
+
+
+def preflight(config, device) -> None:
+    """Both checks for `config` on `device` (a torch.device); a source whose shape the planner cannot read
+    is left to the loader, which says what is wrong with it."""
+    from cura.hardware import native_bf16
+    from cura.memory import plan, shape_from_source
+    from cura.train.plan import plan_spec
+
+    try:
+        shape = shape_from_source(config.model)
+    except CuraError:
+        return
+    check_context(shape, config.data.max_length, config.model)
+    peak = plan(shape, plan_spec(config, device.type, native_bf16=native_bf16(device))).peak_bytes
+    available, where = device_available_bytes(device.type)
+    check_memory(peak, available, where)
