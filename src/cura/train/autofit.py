@@ -62,14 +62,23 @@ def auto_fit(config: TrainConfig, memory: str, *, say: Callable[[str], None] = _
     budget = resolve_memory(memory)
     device = default_device()
     bf16 = native_bf16(device)
+    runtime = 0
     if device.type == "cpu":
         config = cpu_malloc_for_fit(config, say)
+        runtime = runtime_rss()
     shape = shape_from_source(config.model)
     spec = plan_spec(config, device.type, native_bf16=bf16)
-    # cpu_malloc=fast: glibc may hold up to FAST_RETENTION x the plan, so the plan must fit in that part of it
-    fast = device.type == "cpu" and config.cpu_malloc == "fast"
-    room = int(budget.bytes / FAST_RETENTION) if fast else budget.bytes
-    result = fit(shape, spec, room, bf16_ok=bf16)
+    # a CPU plan is what a run adds to the process (Python, torch and transformers are resident already); with
+    # cpu_malloc=fast glibc may hold up to FAST_RETENTION x the plan, so the plan must fit in that part
+    room = budget.bytes - runtime
+    if device.type == "cpu" and config.cpu_malloc == "fast":
+        room = int(room / FAST_RETENTION)
+    if runtime:
+        say(
+            f"auto-fit: {format_bytes(runtime)} of {budget.label} is this process before loading (Python, "
+            f"torch, transformers); the run's plan must fit in the {format_bytes(max(room, 0))} left"
+        )
+    result = fit(shape, spec, max(room, 1), bf16_ok=bf16)
     if not result.fits:
         raise CuraError(
             f"--auto-fit {memory}: even after {', '.join(config_key(c.field) for c in result.changes) or 'every change'} "
@@ -83,6 +92,19 @@ def auto_fit(config: TrainConfig, memory: str, *, say: Callable[[str], None] = _
         return config
     say(describe(config, result, budget.label))
     return from_dict(TrainConfig, config_changes(config, result.changes), base=config)
+
+
+def runtime_rss() -> int:
+    """Resident bytes of this process with transformers imported: what a CPU run holds before its model
+    (the planner's CPU terms start from there, as bench/memory.py measures them)."""
+    import transformers  # noqa: F401  (the import a run makes anyway, counted as it will be)
+
+    from cura.train.measure import proc_status
+
+    try:
+        return proc_status().get("VmRSS", 0)
+    except OSError:
+        return 0
 
 
 def cpu_malloc_for_fit(config: TrainConfig, say: Callable[[str], None] = _say) -> TrainConfig:
