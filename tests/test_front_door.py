@@ -117,3 +117,25 @@ def test_loss_plot_has_the_held_out_points(tmp_path):
     plot_losses(rows, tmp_path / "loss.png", held_out=[(0, 1.4), (10, 0.03)])
     assert (tmp_path / "loss.png").stat().st_size > 1000
     assert _ema([1.0, 0.0]) == [1.0, 0.7]
+
+
+def test_auto_fit_on_a_cpu_fits_what_the_process_will_hold(monkeypatch):
+    """The plan of a CPU run is what it adds to the process: auto-fit leaves room for the runtime already
+    resident and for the planner's error, and makes glibc return freed memory so the plan holds."""
+    import cura.train.autofit as autofit
+    from cura.memory import plan
+    from cura.train import TrainConfig
+    from cura.train.plan import plan_spec
+
+    monkeypatch.setattr(autofit, "runtime_rss", lambda: 300 << 20)
+    monkeypatch.setattr("cura.hardware.default_device", lambda: __import__("torch").device("cpu"))
+    messages = []
+    fitted = autofit.auto_fit(TrainConfig(model="smollm2-135m"), "1GB", say=messages.append)
+    assert fitted.cpu_malloc == "tight"
+    room = int((1 << 30) * autofit.FIT_HEADROOM) - (300 << 20)
+    from cura.hardware import native_bf16
+    from cura.memory import shape_from_source
+
+    peak = plan(shape_from_source("smollm2-135m"), plan_spec(fitted, "cpu", native_bf16=native_bf16("cpu")))
+    assert peak.peak_bytes <= room
+    assert any("300 MiB of 1 GiB is this process before loading" in m for m in messages)
