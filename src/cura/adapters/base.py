@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from cura.adapters.io import CONFIG_NAME, CURA_NAME, _read_json, read_adapter_metadata
+from cura.constants import DEFAULT_QUANT_TYPE
 from cura.errors import CuraError
-from cura.models.base import DEFAULT_QUANT_TYPE, BaseSpec, normalize_source
+from cura.models.base import BaseSpec, normalize_source
 
 
 def _stderr(msg: str) -> None:
