@@ -27,6 +27,7 @@ from pathlib import Path
 import bitsandbytes.functional as bnbf
 import torch
 
+from cura.atomic import write_json
 from cura.hardware import describe_machine
 from cura.quant import kernels, quantize
 from cura.quant.tensor import dequantize_with, quantize_with
@@ -179,10 +180,7 @@ def main() -> None:
             "load_average_1min": os.getloadavg()[0],
         },
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(RESULTS)
+    write_json(RESULTS, result)
     print(json.dumps(result, indent=2))
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from cura.adapters import load_adapter, save_adapter
-from cura.atomic import atomic_folder
+from cura.atomic import atomic_folder, write_json
 from cura.config import to_dict
 from cura.errors import CuraError
 from cura.models import BaseSpec
@@ -32,7 +32,6 @@ from cura.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
-    write_json_atomic,
 )
 from cura.train.config import TrainConfig
 from cura.train.report import (
@@ -141,7 +140,7 @@ def start_or_resume(run: Run, session: Session, say: Say) -> TrainerState:
             say(f"no complete checkpoint in {session.checkpoints}: starting a new run")
         if session.metrics.path.exists():
             session.metrics.path.unlink()
-        write_json_atomic(session.out / "config.json", to_dict(run.config))
+        write_json(session.out / "config.json", to_dict(run.config))
         return TrainerState(total_steps=run.total_steps)
     load_adapter(run.model, latest, trainable=True)
     state = load_checkpoint(latest, optimizer=run.optimizer, scheduler=run.scheduler)
