@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cura.atomic import atomic_file
 from cura.errors import CuraError
 
 OUT_TYPES = ("f32", "f16", "q8_0")
@@ -284,8 +285,7 @@ def write_gguf(
         raise CuraError(f"--type must be one of {', '.join(OUT_TYPES)}, got '{out_type}'")
     arch, permute = gguf_architecture(model.config)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_file(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch)
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(gguf_name(model.config, arch))
@@ -301,10 +301,6 @@ def write_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return count
 
 
