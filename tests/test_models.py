@@ -20,6 +20,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
 from torch import nn
@@ -37,8 +38,6 @@ from cura.models import (
     save_quantized,
 )
 from tiny import VOCAB, tiny_model
-
-bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

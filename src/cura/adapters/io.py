@@ -180,13 +180,6 @@ def read_adapter_metadata(folder: str | Path) -> dict:
     return _read_json(path) if path.is_file() else {}
 
 
-def base_model_of(folder: str | Path) -> str | None:
-    """The base model an adapter says it was trained on (`base_model_name_or_path`), or None."""
-    folder = Path(folder)
-    _check_folder(folder)
-    return _read_json(folder / CONFIG_NAME).get("base_model_name_or_path") or None
-
-
 def config_from_peft(data: dict, where: Path) -> LoraConfig:
     """A `LoraConfig` from PEFT's `adapter_config.json` fields; CuraError for LoRA variants cura lacks."""
     if data.get("peft_type", "LORA") != "LORA":
