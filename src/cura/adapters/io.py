@@ -31,6 +31,7 @@ from torch import nn
 from cura.adapters.attach import is_linear, lora_layers, set_trainable, wrap_paths
 from cura.adapters.config import LoraConfig
 from cura.atomic import atomic_file, atomic_folder, write_json
+from cura.constants import ALL_LINEAR
 from cura.errors import CuraError
 from cura.models.base import BaseSpec, peft_base_path
 
@@ -198,8 +199,8 @@ def config_from_peft(data: dict, where: Path) -> LoraConfig:
                 f"{where}: '{key}' is {data.get(key)!r}, which cura does not support; merge this adapter with "
                 "PEFT (merge_and_unload) or retrain it without that option"
             )
-    targets = data.get("target_modules") or "all-linear"
-    if isinstance(targets, str) and targets != "all-linear":
+    targets = data.get("target_modules") or ALL_LINEAR
+    if isinstance(targets, str) and targets != ALL_LINEAR:
         targets = [targets]
     try:
         return LoraConfig(
