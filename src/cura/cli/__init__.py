@@ -39,7 +39,7 @@ def add_model_argument(
 
 def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
     """How the base is loaded for inference: `--no-quantize`, `--dtype`."""
-    from cura.hardware import COMPUTE_DTYPES
+    from cura.constants import COMPUTE_DTYPES
 
     parser.add_argument("--no-quantize", action="store_true", help="load the base in full precision")
     parser.add_argument(

@@ -39,11 +39,11 @@ import torch
 
 from cura.adapters import lora_layers
 from cura.atomic import atomic_folder, write_json
-from cura.constants import DEFAULT_LOSS_CHUNK_TOKENS
+from cura.constants import COMPUTE_DTYPES, DEFAULT_LOSS_CHUNK_TOKENS
 from cura.errors import CuraError
 from cura.models.base import BaseSpec
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPES if name != "auto"}  # --dtype choices
 DEFAULT_DTYPE = "float32"
 MERGE_RECORD = "cura_merge.json"
 """Written into every merged folder: marks it as cura's, so a later merge to the same --output may replace it."""
