@@ -43,9 +43,9 @@ class TrainConfig:
     quant_type: QuantType = DEFAULT_QUANT_TYPE
     blocksize: int = DEFAULT_BLOCKSIZE
     double_quant: bool = DEFAULT_DOUBLE_QUANT
-    compute_dtype: DType = (
-        DEFAULT_COMPUTE_DTYPE  # auto: bfloat16 where the hardware has it natively (cura.hardware)
-    )
+    # fmt: off
+    compute_dtype: DType = DEFAULT_COMPUTE_DTYPE  # auto: bfloat16 where the hardware has it natively (cura.hardware)
+    # fmt: on
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: Optimizer = "paged_adamw"
@@ -61,9 +61,9 @@ class TrainConfig:
     grad_accum: int = 1
     max_grad_norm: float = 0.3  # QLoRA's default; 0 disables clipping
     gradient_checkpointing: bool = True
-    loss_chunk_tokens: int = (
-        DEFAULT_LOSS_CHUNK_TOKENS  # logits are computed this many trained tokens at a time
-    )
+    # fmt: off
+    loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS  # logits are computed this many trained tokens at a time
+    # fmt: on
     seed: int = 0
     eval_every: int = 0  # 0: evaluate only before and after training
     eval_batches: int = 0  # 0: the whole eval split
