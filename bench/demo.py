@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from cura.atomic import write_json
 from cura.hardware import describe_machine
 
 RESULTS = Path(__file__).parent / "results" / "demo.json"
@@ -92,10 +93,7 @@ def main() -> None:
         "fresh_cache": args.fresh_cache,
         "kinds": results,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=2) + "\n")
-    tmp.replace(RESULTS)
+    write_json(RESULTS, out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ promises; `cura.memory.allocator`) and write bench/results/memory.json; `--mallo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -28,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from cura.atomic import write_json
 from cura.config import from_dict
 from cura.memory import plan, shape_from_source
 from cura.train.config import TrainConfig
@@ -163,7 +163,7 @@ def main() -> None:
     }
     out = RESULTS if args.malloc == "tight" else RESULTS.with_name("memory-fast.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     print(f"worst case: {worst['name']} {worst['error']:+.1%}; wrote {out}")
 
 

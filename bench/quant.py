@@ -27,6 +27,8 @@ from pathlib import Path
 import bitsandbytes.functional as bnbf
 import torch
 
+from cura.atomic import write_json
+from cura.constants import DEFAULT_BLOCKSIZE, DEFAULT_DOUBLE_QUANT, DEFAULT_QUANT_TYPE, NESTED_BLOCKSIZE
 from cura.hardware import describe_machine
 from cura.quant import kernels, quantize
 from cura.quant.tensor import dequantize_with, quantize_with
@@ -59,14 +61,21 @@ def bits_per_parameter(w: torch.Tensor, double_quant: bool) -> dict[str, float]:
 
 
 def bnb_quantize(w: torch.Tensor):
-    return bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    return bnbf.quantize_4bit(
+        w,
+        blocksize=DEFAULT_BLOCKSIZE,
+        quant_type=DEFAULT_QUANT_TYPE,
+        compress_statistics=DEFAULT_DOUBLE_QUANT,
+    )
 
 
 def quantize_times(w: torch.Tensor, repeats: int) -> dict[str, float]:
     return interleaved(
         {
             "cura": lambda: quantize(w),
-            "cura_reference": lambda: quantize_with(None, w, "nf4", 64, True),
+            "cura_reference": lambda: quantize_with(
+                None, w, DEFAULT_QUANT_TYPE, DEFAULT_BLOCKSIZE, DEFAULT_DOUBLE_QUANT
+            ),
             "bitsandbytes": lambda: bnb_quantize(w),
         },
         repeats,
@@ -135,13 +144,19 @@ def main() -> None:
     small_gb = SMOLLM2_MLP[0] * SMOLLM2_MLP[1] * 4 / 1e9
     copy_gbps = 2 * gb / dequant["memory_copy"]  # read + write
     write_gbps = gb / dequant["memory_write"]
-    dequant_traffic = (0.5 + 1 / 64 + 4) / 4 * gb  # packed codes + 8-bit scales read, float32 written
+    b, nb = DEFAULT_BLOCKSIZE, NESTED_BLOCKSIZE
+    dequant_traffic = (0.5 + 1 / b + 4) / 4 * gb  # packed codes + 8-bit scales read, float32 written
     result = {
-        "tensor": {"shape": list(w.shape), "dtype": "float32", "quant_type": "nf4", "blocksize": 64},
+        "tensor": {
+            "shape": list(w.shape),
+            "dtype": "float32",
+            "quant_type": DEFAULT_QUANT_TYPE,
+            "blocksize": b,
+        },
         "bits_per_parameter": {
             "double_quant": bits_per_parameter(w, True),
             "no_double_quant": bits_per_parameter(w, False),
-            "formula": {"double_quant": 4 + 8 / 64 + 32 / (64 * 256), "no_double_quant": 4 + 32 / 64},
+            "formula": {"double_quant": 4 + 8 / b + 32 / (b * nb), "no_double_quant": 4 + 32 / b},
         },
         "quantize_gbps": {name: gb / s for name, s in quant.items()},
         "dequantize_gbps": {name: gb / s for name, s in dequant.items() if not name.startswith("memory")},
@@ -179,10 +194,7 @@ def main() -> None:
             "load_average_1min": os.getloadavg()[0],
         },
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(RESULTS)
+    write_json(RESULTS, result)
     print(json.dumps(result, indent=2))
 
 

@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from cura.atomic import write_json
+
 BATCH, SEQ, RANK, ALPHA = 4, 256, 16, 32
 MODES = (
     "peft_bnb_qlora",
@@ -259,10 +261,7 @@ def write_report(results: dict) -> None:
         },
     }
     path = Path(__file__).parent / "results" / "train_cpu.json"
-    path.parent.mkdir(exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, out)
     print(json.dumps(out["ratios"], indent=2))
 
 

@@ -85,7 +85,7 @@ def save_random_adapter(model, folder, chat_template, seed=1, r=4):
 
 
 def make_run(root, arch, tokenizer):
-    """(base folder, adapter folder, plain base model) for a tiny model with the real SmolLM2 vocabulary."""
+    """(base folder, adapter folder, plain base model) for a tiny model with the tiny ChatML tokenizer."""
     model = save_base(root / "base", arch, tokenizer)
     # trained with a template that differs from the base tokenizer's: merge must ship the adapter's
     adapter = save_random_adapter(model, root / "adapter", TRAINED_TEMPLATE(tokenizer))
@@ -93,13 +93,13 @@ def make_run(root, arch, tokenizer):
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
-def tiny_run(request, tmp_path_factory, smol_tokenizer):
-    return make_run(tmp_path_factory.mktemp(f"export-{request.param}"), request.param, smol_tokenizer)
+def tiny_run(request, tmp_path_factory, chat_tokenizer):
+    return make_run(tmp_path_factory.mktemp(f"export-{request.param}"), request.param, chat_tokenizer)
 
 
 @pytest.fixture(scope="module")
-def llama_run(tmp_path_factory, smol_tokenizer):
-    return make_run(tmp_path_factory.mktemp("export-llama"), "llama", smol_tokenizer)
+def llama_run(tmp_path_factory, chat_tokenizer):
+    return make_run(tmp_path_factory.mktemp("export-llama"), "llama", chat_tokenizer)
 
 
 def test_permute_qk_is_undone_by_transformers_gguf_loader():
@@ -118,7 +118,7 @@ def test_permute_qk_is_undone_by_transformers_gguf_loader():
     assert permute_qk(w, 1).flatten().tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
 
 
-def test_merge_matches_peft_on_dequantized_base(tiny_run, tmp_path, smol_tokenizer):
+def test_merge_matches_peft_on_dequantized_base(tiny_run, tmp_path, chat_tokenizer):
     from peft import PeftModel
 
     from cura.models import load_model
@@ -149,7 +149,7 @@ def test_merge_matches_peft_on_dequantized_base(tiny_run, tmp_path, smol_tokeniz
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "merged"))
-    assert tok.chat_template == TRAINED_TEMPLATE(smol_tokenizer)
+    assert tok.chat_template == TRAINED_TEMPLATE(chat_tokenizer)
 
 
 def test_merge_dtype_and_cli(llama_run, tmp_path, capsys):
@@ -191,20 +191,49 @@ def test_merge_check_fails_loudly_on_a_corrupted_weight(llama_run, tmp_path):
 
 
 def test_merge_quantize_4bit_writes_a_bnb_folder(llama_run, tmp_path):
+    """The 4-bit folder holds exactly the bytes of quantizing the float32 merge with cura.quant (the adapter
+    records no base, so the defaults: NF4, blocksize 64, double quantization)."""
     from cura.models import load_model, resolve_source
+    from cura.quant import quantize
 
     base, adapter, _ = llama_run
+    merge(base, adapter, tmp_path / "f", log=lambda *_: None)
     merge(base, adapter, tmp_path / "q", quantize_4bit=True, log=lambda *_: None)
     assert resolve_source(tmp_path / "q")[0] == "bnb"
+    floats, quantized = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("f", "q"))
+    linears = [k for k in floats if k.endswith("_proj.weight")]
+    assert len(linears) == 14
+    for key in linears:
+        expected = quantize(floats[key])
+        assert torch.equal(quantized[key].flatten(), expected.packed.flatten()), key
+        assert torch.equal(quantized[f"{key}.absmax"], expected.absmax), key
+    assert torch.equal(quantized["model.norm.weight"], floats["model.norm.weight"])
     assert load_model(tmp_path / "q").model is not None
+    record = json.loads((tmp_path / "q" / "cura_merge.json").read_text())
+    assert record["dtype"] == "bitsandbytes 4-bit" and record["base"]["blocksize"] == 64
+
+
+def test_merge_never_replaces_a_folder_it_did_not_write(llama_run, tmp_path):
+    base, adapter, _ = llama_run
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(CuraError, match="not a cura merge output"):
+        merge(base, adapter, out, log=lambda *_: None)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    (out / "notes.txt").unlink()  # an empty folder is fine, and a cura merge output may be replaced
+    merge(base, adapter, out, log=lambda *_: None)
+    merge(base, adapter, out, dtype="bfloat16", log=lambda *_: None)
+    assert json.loads((out / "cura_merge.json").read_text())["dtype"] == "bfloat16"
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary folder left
 
 
 @pytest.mark.parametrize("out_type", ["f32", "f16", "q8_0"])
-def test_gguf_round_trip_tiny_llama(out_type, tmp_path_factory, smol_tokenizer):
+def test_gguf_round_trip_tiny_llama(out_type, tmp_path_factory, chat_tokenizer):
     import gguf
 
     root = tmp_path_factory.mktemp(f"gguf-{out_type}")
-    save_base(root / "base", "llama", smol_tokenizer)
+    save_base(root / "base", "llama", chat_tokenizer)
     report = export_gguf(root / "base", root / "out" / "tiny.gguf", out_type=out_type, log=lambda *_: None)
     assert report.tokenizer_roundtrip
     assert report.max_abs_logit_diff <= {"f32": 1e-5, "f16": 5e-3, "q8_0": 5e-2}[out_type]
@@ -212,10 +241,10 @@ def test_gguf_round_trip_tiny_llama(out_type, tmp_path_factory, smol_tokenizer):
     fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.t")}
     assert fields["general.architecture"] == "llama" and fields["llama.block_count"] == 2
     assert fields["llama.embedding_length"] == 64 and fields["llama.attention.head_count_kv"] == 2
-    assert fields["llama.vocab_size"] == len(smol_tokenizer) and fields["tokenizer.ggml.model"] == "gpt2"
-    assert fields["tokenizer.chat_template"] == smol_tokenizer.chat_template
-    assert fields["tokenizer.ggml.pre"] == "smollm"  # as in the bundled GGUF llama.cpp wrote
-    assert fields["tokenizer.ggml.eot_token_id"] == smol_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert fields["llama.vocab_size"] == len(chat_tokenizer) and fields["tokenizer.ggml.model"] == "gpt2"
+    assert fields["tokenizer.chat_template"] == chat_tokenizer.chat_template
+    assert fields["tokenizer.ggml.pre"] == "gpt-2"  # the tiny tokenizer splits as GPT-2 (SmolLM's: below)
+    assert fields["tokenizer.ggml.eot_token_id"] == chat_tokenizer.convert_tokens_to_ids("<|im_end|>")
     names = {t.name: t.tensor_type.name for t in reader.tensors}
     assert names["blk.0.attn_norm.weight"] == "F32"
     assert names["blk.1.ffn_down.weight"] == {"f32": "F32", "f16": "F16", "q8_0": "Q8_0"}[out_type]
@@ -240,6 +269,8 @@ def random_adapter_for(config, folder, chat_template, r=2, seed=1):
 
 @pytest.mark.slow
 def test_bundled_model_with_adapter_to_gguf_f16(tmp_path, smol_tokenizer):
+    import gguf
+
     from cura.models import model_config
 
     adapter = random_adapter_for(
@@ -248,6 +279,8 @@ def test_bundled_model_with_adapter_to_gguf_f16(tmp_path, smol_tokenizer):
     report = export_gguf("smollm2-135m", tmp_path / "smol.gguf", adapter=adapter, log=print)
     assert report.tokenizer_roundtrip and report.max_abs_logit_diff < report.tolerance
     assert report.tensors == 272 and report.architecture == "llama"
+    pre = gguf.GGUFReader(str(report.output)).fields["tokenizer.ggml.pre"].contents()
+    assert pre == "smollm"  # as in the bundled GGUF llama.cpp wrote
     assert "SmolLM" in (tmp_path / "Modelfile").read_text()
 
 
@@ -262,8 +295,8 @@ def test_detect_style_and_modelfile_for_chatml(smol_tokenizer):
 
 
 @pytest.mark.parametrize("name,template", [("llama3", LLAMA3_TEMPLATE), ("mistral", MISTRAL_TEMPLATE)])
-def test_styles_render_like_their_jinja_templates(name, template, smol_tokenizer):
-    tok = copy.deepcopy(smol_tokenizer)
+def test_styles_render_like_their_jinja_templates(name, template, chat_tokenizer):
+    tok = copy.deepcopy(chat_tokenizer)
     tok.bos_token, tok.eos_token = STYLES[name].bos, STYLES[name].assistant_suffix or tok.eos_token
     info = detect_style(tok, template)
     assert info.style is STYLES[name] and info.default_system is None
@@ -282,17 +315,17 @@ def test_styles_render_like_their_jinja_templates(name, template, smol_tokenizer
         assert f'PARAMETER stop "{stop}"' in text
 
 
-def test_unknown_template_says_to_write_it_by_hand(smol_tokenizer):
+def test_unknown_template_says_to_write_it_by_hand(chat_tokenizer):
     template = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}### assistant:"
-    text, warning = modelfile_text("m.gguf", smol_tokenizer, template)
+    text, warning = modelfile_text("m.gguf", chat_tokenizer, template)
     assert 'TEMPLATE """' not in text and "write one by hand" in warning
 
 
-def test_check_template(tmp_path, smol_tokenizer):
+def test_check_template(tmp_path, chat_tokenizer):
     model = AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
-    trained = save_random_adapter(model, tmp_path / "a", smol_tokenizer.chat_template)
-    assert check_template(trained, smol_tokenizer) is None
-    other = copy.deepcopy(smol_tokenizer)
+    trained = save_random_adapter(model, tmp_path / "a", chat_tokenizer.chat_template)
+    assert check_template(trained, chat_tokenizer) is None
+    other = copy.deepcopy(chat_tokenizer)
     other.chat_template = LLAMA3_TEMPLATE
     warning = check_template(trained, other)
     assert "different chat template" in warning and "cura_adapter.json" in warning
@@ -346,14 +379,14 @@ def test_export_cli_parses_and_refuses_a_bad_output_name(tmp_path):
         parser.parse_args(["export", "gguf", "--output", "m.gguf", "--type", "q4_0"])
 
 
-def test_gguf_check_reads_the_file_it_wrote_whatever_its_name(tmp_path, monkeypatch, smol_tokenizer):
+def test_gguf_check_reads_the_file_it_wrote_whatever_its_name(tmp_path, monkeypatch, chat_tokenizer):
     """transformers takes a bare `gguf_file` name relative to the current folder when a file of that name
     is there: `--output out/model.gguf` next to an earlier ./model.gguf (the README's export) was checked
     against the other file's weights. The same export under two names must pass the same check."""
     monkeypatch.chdir(tmp_path)
-    save_base(tmp_path / "other", "llama", smol_tokenizer, seed=1)
+    save_base(tmp_path / "other", "llama", chat_tokenizer, seed=1)
     export_gguf(tmp_path / "other", "model.gguf", out_type="f32", check=False, log=lambda *_: None)
-    save_base(tmp_path / "base", "llama", smol_tokenizer, seed=0)
+    save_base(tmp_path / "base", "llama", chat_tokenizer, seed=0)
     diffs = {}
     for name in ("smol.gguf", "model.gguf"):
         report = export_gguf(tmp_path / "base", tmp_path / "out" / name, out_type="f32", log=lambda *_: None)

@@ -15,8 +15,8 @@ NEW_TOKENS = "6"
 
 
 @pytest.fixture(scope="module")
-def tiny_with_adapter(tmp_path_factory, smol_tokenizer):
-    """A tiny random llama with the real SmolLM2 tokenizer, and a non-trivial adapter for it."""
+def tiny_with_adapter(tmp_path_factory, chat_tokenizer):
+    """A tiny random llama with the tiny ChatML tokenizer, and a non-trivial adapter for it."""
     from transformers import AutoModelForCausalLM
 
     from cura.adapters import LoraConfig, attach_lora, save_adapter
@@ -24,12 +24,12 @@ def tiny_with_adapter(tmp_path_factory, smol_tokenizer):
 
     folder = tmp_path_factory.mktemp("gen")
     config = tiny_config("llama")
-    config.vocab_size = len(smol_tokenizer)
-    config.eos_token_id = smol_tokenizer.eos_token_id
+    config.vocab_size = len(chat_tokenizer)
+    config.eos_token_id = chat_tokenizer.eos_token_id
     torch.manual_seed(5)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(folder / "base")
-    smol_tokenizer.save_pretrained(folder / "base")
+    chat_tokenizer.save_pretrained(folder / "base")
     lora = LoraConfig(r=4, alpha=8.0, dropout=0.0)
     attach_lora(model, lora)
     with torch.no_grad():

@@ -20,6 +20,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
 from torch import nn
@@ -37,8 +38,6 @@ from cura.models import (
     save_quantized,
 )
 from tiny import VOCAB, tiny_model
-
-bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -168,6 +167,20 @@ def test_skip_keeps_named_linears_in_full_precision(tmp_path):
     names = linear4bit_names(model)
     assert names and not any(n.endswith(("o_proj", "down_proj", "lm_head")) for n in names)
     assert type(model.model.layers[0].self_attn.o_proj) is nn.Linear
+
+
+def test_skip_matches_as_quantize_model_and_peft_do(tmp_path):
+    """One rule for skip lists (`cura.nn.select.matches`): whole dotted suffixes; a prefix such as
+    "model.layers.0" is not a module name and skips nothing, whether the loader or `quantize_model` applies
+    it (the loader used to read it as "everything under layer 0")."""
+    from cura.nn.linear4bit import quantize_model
+
+    folder = save_tiny(tmp_path / "llama", "llama")
+    skip = ("lm_head", "layers.1.mlp.up_proj", "model.layers.0")
+    loaded = linear4bit_names(load_model(folder, skip=skip).model)
+    plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert set(loaded) == set(quantize_model(plain, skip=skip))
+    assert "model.layers.0.self_attn.q_proj" in loaded and "model.layers.1.mlp.up_proj" not in loaded
 
 
 def test_bfloat16_compute_dtype(tmp_path):

@@ -212,6 +212,21 @@ def test_interrupted_run_resumes_exactly(tiny_source, tiny_data, tmp_path):
     )
 
 
+def test_resume_refuses_a_checkpoint_of_another_base(tiny_source, tiny_data, tmp_path):
+    """A checkpoint's LoRA weights fit any blocksize or quant type; resuming them onto another base would
+    silently train a different model."""
+    out = tmp_path / "run"
+    train(make_config(tiny_source, tiny_data, out, max_steps=2))
+    before = (out / "metrics.jsonl").read_text()
+    for change in ({"blocksize": 128}, {"quant_type": "fp4"}, {"double_quant": False}):
+        config = make_config(tiny_source, tiny_data, out, max_steps=4, resume=True, **change)
+        with pytest.raises(CuraError, match="not on the .* this run's config describes; resume with"):
+            train(config)
+    assert (out / "metrics.jsonl").read_text() == before  # nothing of the run was touched
+    resumed = train(make_config(tiny_source, tiny_data, out, max_steps=4, resume=True))
+    assert resumed["completed"] and resumed["steps"] == 4
+
+
 def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_source, tiny_data, tmp_path):
     poisoned: set[int] = {2}
     current = {"step": 1}

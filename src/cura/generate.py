@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from cura.constants import DEFAULT_MAX_NEW_TOKENS
+
 Messages = list[dict[str, str]]
 
 
@@ -78,7 +80,7 @@ def generate(
     tokenizer,
     prompts: Sequence[str | Messages],
     *,
-    max_new_tokens: int = 128,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     batch_size: int = 8,
     temperature: float = 0.0,
     top_p: float = 1.0,

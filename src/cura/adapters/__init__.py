@@ -17,7 +17,7 @@ _LAZY = {
         "cura.adapters.attach",
     ),
     **dict.fromkeys(
-        ("adapter_state_dict", "base_model_of", "load_adapter", "read_adapter_metadata", "save_adapter"),
+        ("adapter_state_dict", "load_adapter", "read_adapter_metadata", "save_adapter"),
         "cura.adapters.io",
     ),
     "merge_lora": "cura.adapters.merge",
@@ -34,7 +34,6 @@ __all__ = [
     "load_base_for_adapter",
     "read_base_record",
     "adapter_state_dict",
-    "base_model_of",
     "attach_lora",
     "linear_layers",
     "load_adapter",

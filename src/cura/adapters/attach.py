@@ -13,6 +13,7 @@ from torch import nn
 from cura.adapters.config import ALL_LINEAR, LoraConfig
 from cura.errors import CuraError
 from cura.nn.lora import LoRALinear
+from cura.nn.select import select
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -24,10 +25,6 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(getattr(module, "in_features", None), int) and isinstance(
         getattr(module, "out_features", None), int
     )
-
-
-def _matches(path: str, names: Iterable[str]) -> bool:
-    return any(path == n or path.endswith("." + n) for n in names)
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -60,13 +57,8 @@ def _output_layer_path(model: nn.Module) -> str | None:
 def select_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """The paths `config` puts an adapter on (in module order); CuraError naming a few linears if none."""
     linears = linear_layers(model)
-    if config.target_modules == ALL_LINEAR:
-        output = _output_layer_path(model)
-        chosen = [p for p in linears if p != output and not _matches(p, config.exclude)]
-    else:
-        chosen = [
-            p for p in linears if _matches(p, config.target_modules) and not _matches(p, config.exclude)
-        ]
+    output = _output_layer_path(model) if config.target_modules == ALL_LINEAR else None
+    chosen = select(linears, config.target_modules, config.exclude, output_layer=output)
     if not chosen:
         names = sorted({p.rsplit(".", 1)[-1] for p in linears})
         raise CuraError(

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from cura.adapters.io import CONFIG_NAME, CURA_NAME, _read_json, read_adapter_metadata
+from cura.constants import DEFAULT_QUANT_TYPE
 from cura.errors import CuraError
-from cura.models.base import DEFAULT_QUANT_TYPE, BaseSpec, normalize_source
+from cura.models.base import BaseSpec, normalize_source
 
 
 def _stderr(msg: str) -> None:
@@ -171,12 +172,20 @@ def load_base_for_adapter(
     return AdapterBase(loaded.model, loaded.tokenizer, spec, loaded.kind, warnings, lora)
 
 
-def check_same_base(adapter_dir: str | Path, spec: BaseSpec) -> None:
+def check_same_base(
+    adapter_dir: str | Path,
+    spec: BaseSpec,
+    *,
+    spec_is: str = "loaded for the other adapter",
+    advice: str = "compare adapters trained on the same base",
+) -> None:
     """CuraError unless `adapter_dir` was trained on the base `spec` describes (e.g. adapter B of an
-    eval comparison, loaded onto the base of adapter A)."""
+    eval comparison, loaded onto the base of adapter A; a checkpoint resumed by a run). `spec_is` and
+    `advice` finish the sentence: "... not on the <spec> <spec_is>; <advice>". An adapter without cura's
+    record passes (there is nothing to compare)."""
     other = read_base_record(adapter_dir)
     if other.incomplete is None and not other.spec.same_base(spec):
         raise CuraError(
             f"the adapter in {adapter_dir} was trained on {other.spec.describe()}, not on the "
-            f"{spec.describe()} loaded for the other adapter; compare adapters trained on the same base"
+            f"{spec.describe()} {spec_is}; {advice}"
         )

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cura.constants import ALL_LINEAR, DEFAULT_LORA_EXCLUDE
 from cura.errors import CuraError
 
-ALL_LINEAR = "all-linear"
+__all__ = ["ALL_LINEAR", "LoraConfig"]
 
 
 @dataclass
@@ -23,7 +24,7 @@ class LoraConfig:
     dropout: float = 0.05
     target_modules: str | list[str] = ALL_LINEAR
     use_rslora: bool = False
-    exclude: tuple[str, ...] = ("lm_head",)
+    exclude: tuple[str, ...] = DEFAULT_LORA_EXCLUDE
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:

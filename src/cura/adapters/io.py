@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,8 @@ from torch import nn
 
 from cura.adapters.attach import is_linear, lora_layers, set_trainable, wrap_paths
 from cura.adapters.config import LoraConfig
+from cura.atomic import atomic_file, atomic_folder, write_json
+from cura.constants import ALL_LINEAR
 from cura.errors import CuraError
 from cura.models.base import BaseSpec, peft_base_path
 
@@ -77,18 +77,12 @@ def peft_config_dict(config: LoraConfig, targets: list[str], base_model_name_or_
     }
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _write_json(path: Path, data: Any) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"))
+def _write_files(folder: Path, weights: dict, files: dict[str, Any]) -> None:
+    """Each file of the adapter written atomically into `folder` (`cura.atomic`)."""
+    with atomic_file(folder / WEIGHTS_NAME) as tmp:
+        save_file(weights, str(tmp), metadata={"format": "pt"})
+    for name, data in files.items():
+        write_json(folder / name, data)
 
 
 def save_adapter(
@@ -129,23 +123,11 @@ def save_adapter(
         CURA_NAME: cura_record(config, base, chat_template, extra),
     }
     folder = Path(folder)
-    target = folder
-    if not folder.exists():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        target = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-        shutil.rmtree(target, ignore_errors=True)
-        target.mkdir()
-    try:
-        _write_atomic(
-            target / WEIGHTS_NAME, lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"})
-        )
-        for name, data in files.items():
-            _write_json(target / name, data)
-        if target != folder:
-            os.replace(target, folder)
-    finally:
-        if target != folder and target.exists():
-            shutil.rmtree(target, ignore_errors=True)
+    if folder.exists():
+        _write_files(folder, weights, files)
+    else:
+        with atomic_folder(folder, overwrite=False) as tmp:
+            _write_files(tmp, weights, files)
     return folder
 
 
@@ -199,13 +181,6 @@ def read_adapter_metadata(folder: str | Path) -> dict:
     return _read_json(path) if path.is_file() else {}
 
 
-def base_model_of(folder: str | Path) -> str | None:
-    """The base model an adapter says it was trained on (`base_model_name_or_path`), or None."""
-    folder = Path(folder)
-    _check_folder(folder)
-    return _read_json(folder / CONFIG_NAME).get("base_model_name_or_path") or None
-
-
 def config_from_peft(data: dict, where: Path) -> LoraConfig:
     """A `LoraConfig` from PEFT's `adapter_config.json` fields; CuraError for LoRA variants cura lacks."""
     if data.get("peft_type", "LORA") != "LORA":
@@ -224,8 +199,8 @@ def config_from_peft(data: dict, where: Path) -> LoraConfig:
                 f"{where}: '{key}' is {data.get(key)!r}, which cura does not support; merge this adapter with "
                 "PEFT (merge_and_unload) or retrain it without that option"
             )
-    targets = data.get("target_modules") or "all-linear"
-    if isinstance(targets, str) and targets != "all-linear":
+    targets = data.get("target_modules") or ALL_LINEAR
+    if isinstance(targets, str) and targets != ALL_LINEAR:
         targets = [targets]
     try:
         return LoraConfig(

@@ -39,7 +39,7 @@ def add_model_argument(
 
 def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
     """How the base is loaded for inference: `--no-quantize`, `--dtype`."""
-    from cura.hardware import COMPUTE_DTYPES
+    from cura.constants import COMPUTE_DTYPES
 
     parser.add_argument("--no-quantize", action="store_true", help="load the base in full precision")
     parser.add_argument(
@@ -86,24 +86,13 @@ def config_settings(args) -> dict:
     return data
 
 
-def model_source(args) -> str:
-    """`--model` as given, else the base model recorded in `--adapter`'s adapter_config.json, else the
-    bundled model; says which when it was not given."""
-    if args.model:
+def model_source(args) -> str | None:
+    """`--model` as given; without it, None when an `--adapter` is given (its recorded base is used, see
+    `cura.adapters.load_base_for_adapter`), else the bundled model."""
+    if args.model or getattr(args, "adapter", None):
         return args.model
     from cura.models.sources import BUNDLED_NAME
 
-    adapter = getattr(args, "adapter", None)
-    if adapter:
-        from cura.adapters import base_model_of
-
-        base = base_model_of(adapter)
-        if base:
-            print(
-                f"base model: {base} (from {adapter}/adapter_config.json; --model overrides it)",
-                file=sys.stderr,
-            )
-            return base
     return BUNDLED_NAME
 
 

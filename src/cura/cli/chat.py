@@ -26,7 +26,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    args.model = args.model if args.adapter else model_source(args)  # None: the recorded base
+    args.model = model_source(args)  # None with --adapter: its recorded base
     from cura.generate import load_for_inference
 
     model, tokenizer = load_for_inference(

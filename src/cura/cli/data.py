@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from cura.cli import SUBCOMMANDS
+from cura.constants import IGNORE_INDEX
 from cura.errors import CuraError
 
 GREEN, RESET = "\x1b[32;1m", "\x1b[0m"
@@ -62,10 +63,10 @@ def highlight(tokenizer, input_ids: list[int], labels: list[int], color: bool) -
         out.append(text)
 
     for token, label in zip(input_ids, labels):
-        if (label != -100) != trained and run:
+        if (label != IGNORE_INDEX) != trained and run:
             flush()
             run = []
-        trained = label != -100
+        trained = label != IGNORE_INDEX
         run.append(token)
     if run:
         flush()

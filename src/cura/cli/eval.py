@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from cura.cli import SUBCOMMANDS, add_loading_arguments, add_model_argument, model_source
+from cura.constants import DEFAULT_MAX_NEW_TOKENS
 
 
 def register(sub) -> None:
@@ -38,7 +39,7 @@ def register(sub) -> None:
         "--extractor", default=None, help="answer extractor for exact match: gsm8k, choice, regex:PAT, none"
     )
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--compare", action="store_true", help="base vs --adapter (or --adapter vs --adapter-b)")
     p.add_argument("--output", default=None, help="report folder (default with --compare: eval-<timestamp>)")
@@ -58,19 +59,6 @@ def _check_args(args) -> None:
         raise CuraError(f"--limit {args.limit} must be at least 1")
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise CuraError("--max-new-tokens and --batch-size must be at least 1")
-
-
-def _loss_samples(args, tokenizer, fields):
-    """Tokenized samples from the data pipeline (packing off) where it reads this file, else None."""
-    if args.references is not None or fields:
-        return None
-    from cura.data import DataConfig, build_datasets
-
-    config = DataConfig(
-        path=args.data, format=args.format, packing=False, system_prompt=args.system, eval_split=0
-    )
-    train, _, _ = build_datasets(config, tokenizer)
-    return list(train)
 
 
 def _compare_base(args, quantize):
@@ -97,7 +85,7 @@ def _print_table(result_or_cmp) -> None:
 
 
 def run(args) -> int:
-    args.model = args.model if args.adapter else model_source(args)  # None: the recorded base
+    args.model = model_source(args)  # None with --adapter: its recorded base
     from cura.evaluate import (
         compare,
         evaluate,
@@ -132,10 +120,9 @@ def run(args) -> int:
     settings = {"model": args.model, "adapter": args.adapter, "adapter_b": args.adapter_b, "data": args.data}
     if args.compare:
         model, tokenizer = _compare_base(args, quantize)
-        for folder in (args.adapter, args.adapter_b):  # the template first, so loss samples use it too
+        for folder in (args.adapter, args.adapter_b):  # the template first, so the loss rows use it too
             if folder and use_adapter_template(tokenizer, folder):
                 break
-        kwargs["loss_samples"] = _loss_samples(args, tokenizer, fields)
         outcome = compare(
             model, tokenizer, rows, metrics, adapter=args.adapter, adapter_b=args.adapter_b, **kwargs
         )
@@ -147,7 +134,6 @@ def run(args) -> int:
         model, tokenizer = load_for_inference(
             args.model, args.adapter, quantize=quantize, compute_dtype=args.dtype
         )
-        kwargs["loss_samples"] = _loss_samples(args, tokenizer, fields)
         outcome = evaluate(model, tokenizer, rows, metrics, label=args.adapter or args.model, **kwargs)
         paths = write_result(outcome, Path(args.output), extra={"settings": settings}) if args.output else {}
     if args.json:

@@ -20,7 +20,7 @@ def register(sub) -> None:
 
 
 def run_gguf(args) -> int:
-    args.model = args.model if args.adapter else model_source(args)  # None: the recorded base
+    args.model = model_source(args)  # None with --adapter: its recorded base
     from cura.export import export_gguf
 
     export_gguf(

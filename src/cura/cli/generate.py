@@ -23,7 +23,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    args.model = args.model if args.adapter else model_source(args)  # None: the recorded base
+    args.model = model_source(args)  # None with --adapter: its recorded base
     from transformers import TextStreamer
 
     from cura.generate import generate, load_for_inference

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cura.constants import DEFAULT_MAX_NEW_TOKENS
 from cura.errors import CuraError
 from cura.evaluate import metrics as M
 from cura.evaluate.loss import answer_loss, encode_rows
@@ -100,7 +101,7 @@ def evaluate(
     metrics: Sequence[str] | None = None,
     *,
     limit: int | None = None,
-    max_new_tokens: int = 128,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     batch_size: int = 8,
     extractor: str | None = None,
     loss_samples: Sequence[dict] | None = None,

@@ -24,13 +24,13 @@ NEOX-style rope in GGML (halves, like HF) and is written unpermuted.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cura.atomic import atomic_file, write_text
 from cura.errors import CuraError
 
 OUT_TYPES = ("f32", "f16", "q8_0")
@@ -284,8 +284,7 @@ def write_gguf(
         raise CuraError(f"--type must be one of {', '.join(OUT_TYPES)}, got '{out_type}'")
     arch, permute = gguf_architecture(model.config)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_file(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch)
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(gguf_name(model.config, arch))
@@ -301,10 +300,6 @@ def write_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return count
 
 
@@ -367,7 +362,7 @@ def export_gguf(
         warnings.append(warning)
         log(f"warning: {warning}")
     modelfile = output.with_name("Modelfile")
-    _write_text(modelfile, text)
+    write_text(modelfile, text)
     arch, _ = gguf_architecture(model.config)
     result = ExportReport(output, modelfile, out_type, arch, count, output.stat().st_size, warnings=warnings)
     log(f"wrote {output} ({out_type}, {count} tensors, {result.bytes / 2**20:.1f} MiB) and {modelfile}")
@@ -398,13 +393,3 @@ def _load_full(model_source):
 
     loaded = load_model(model_source, quantize=False, compute_dtype=torch.float32)
     return loaded.model, loaded.tokenizer
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

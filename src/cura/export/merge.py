@@ -7,7 +7,8 @@
                        W' = dequant(W_nf4) + scale * B @ A   (float32, cura.adapters.merge_lora)
                                                               ▼
                  output/  model.safetensors (dtype), config.json, generation_config.json, tokenizer files with
-                          the adapter's chat template          (written to a temp folder, renamed into place)
+                          the adapter's chat template, cura_merge.json (written to a temp folder, renamed
+                          into place; an existing --output is replaced only when it is a cura merge output)
                                                               ▼
                  parity: logits of output/ loaded with plain transformers vs the reference, on a few samples
 
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,11 +38,15 @@ from typing import Any
 import torch
 
 from cura.adapters import lora_layers
+from cura.atomic import atomic_folder, write_json
+from cura.constants import COMPUTE_DTYPES, DEFAULT_LOSS_CHUNK_TOKENS
 from cura.errors import CuraError
 from cura.models.base import BaseSpec
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPES if name != "auto"}  # --dtype choices
 DEFAULT_DTYPE = "float32"
+MERGE_RECORD = "cura_merge.json"
+"""Written into every merged folder: marks it as cura's, so a later merge to the same --output may replace it."""
 
 # Max |logit difference| between the merged checkpoint and adapter-on-base: float32 only sees summation
 # order (W x + B A x vs (W + B A) x); half types add the rounding of every weight to 8 or 11 mantissa bits.
@@ -98,12 +102,13 @@ def sample_ids(tokenizer, template: str | None) -> list[torch.Tensor]:
 @torch.no_grad()
 def logits_and_perplexity(model, samples: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
     """Float32 logits per sample and the perplexity exp(mean next-token loss) over all of them."""
+    from cura.train.steps import loss_sum  # the training loss (one cross-entropy), every token trained
+
     logits, total, count = [], 0.0, 0
     for ids in samples:
-        out = model(input_ids=ids).logits.float()
-        logits.append(out)
-        loss = torch.nn.functional.cross_entropy(out[0, :-1], ids[0, 1:], reduction="sum")
-        total, count = total + loss.item(), count + ids.shape[1] - 1
+        logits.append(model(input_ids=ids).logits.float())
+        loss, n = loss_sum(model, {"input_ids": ids, "labels": ids}, DEFAULT_LOSS_CHUNK_TOKENS)
+        total, count = total + loss.item(), count + n
     return logits, math.exp(total / max(count, 1))
 
 
@@ -190,40 +195,51 @@ def merge(
     with the adapter on its base: CuraError above `tolerance` (default `TOLERANCES[dtype]`).
     `quantize_4bit` re-quantizes the merged model to the bitsandbytes 4-bit layout (`save_quantized`)."""
     from cura.models import load_model, save_quantized
-    from cura.models.saving import replace_folder
 
     if dtype not in DTYPES:
         raise CuraError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     output_dir = Path(output_dir)
+    check_output(output_dir)
     merged = merge_in_memory(model_source, adapter_dir, reference=check, log=log)
     report = MergeReport(output_dir, dtype, merged.merged_modules, quantize_4bit, warnings=merged.warnings)
     report.perplexity_adapter = merged.reference_perplexity
+    record = {"format": 1, "adapter": str(Path(adapter_dir).resolve()), "base": merged.spec.to_dict()}
+    record["dtype"] = "bitsandbytes 4-bit" if quantize_4bit else dtype
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    tmp.chmod(0o755)
-    try:
-        save_merged(merged.model, merged.tokenizer, tmp, DTYPES[dtype])
+    scratch = tempfile.TemporaryDirectory(prefix=f".{output_dir.name}.float.", dir=output_dir.parent)
+    with scratch, atomic_folder(output_dir) as out:
+        # with quantize_4bit the float merge is only a step on the way to the 4-bit folder
+        folder = Path(scratch.name) if quantize_4bit else out
+        save_merged(merged.model, merged.tokenizer, folder, DTYPES[dtype])
         merged.model = None
         if check:
             report.tolerance = TOLERANCES[dtype] if tolerance is None else tolerance
-            check_merged(tmp, merged.samples, merged.reference_logits, report, log)
+            check_merged(folder, merged.samples, merged.reference_logits, report, log)
         if quantize_4bit:
             s = merged.spec
             requant = load_model(
-                tmp, quant_type=s.quant_type, blocksize=s.blocksize, double_quant=s.double_quant
+                folder, quant_type=s.quant_type, blocksize=s.blocksize, double_quant=s.double_quant
             )
             requant.tokenizer.chat_template = merged.tokenizer.chat_template
-            save_quantized(requant.model, requant.tokenizer, output_dir)
-        else:
-            replace_folder(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            save_quantized(requant.model, requant.tokenizer, out)
+        write_json(out / MERGE_RECORD, record)
     log(
         f"merged {report.merged_modules} adapted layers into {output_dir} "
         f"({'bitsandbytes 4-bit' if quantize_4bit else dtype})"
     )
     return report
+
+
+def check_output(folder: Path) -> None:
+    """Refuse an --output that holds anything but a previous cura merge (it is replaced whole)."""
+    if folder.exists() and not folder.is_dir():
+        raise CuraError(f"--output {folder} is a file; give a folder to write the merged model to")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / MERGE_RECORD).is_file():
+        raise CuraError(
+            f"--output {folder} already holds files that are not a cura merge output (no {MERGE_RECORD}); "
+            "pick a new folder or empty this one, since merging replaces the whole folder"
+        )
 
 
 def check_merged(folder: Path, samples, ref_logits, report: MergeReport, log=print) -> None:

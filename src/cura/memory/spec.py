@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from cura.constants import QUANT_TYPES
 from cura.errors import CuraError
 from cura.memory.devices import cpu_native_bf16
 from cura.memory.shapes import ModelShape
@@ -21,7 +22,6 @@ Device = Literal["cpu", "cuda"]
 METHODS = ("full", "lora", "qlora")
 OPTIMIZERS = ("paged_adamw", "paged_adamw_8bit", "adamw")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-ALL_LINEAR = "all-linear"
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class PlanSpec:
             ("optimizer", self.optimizer in OPTIMIZERS, ", ".join(OPTIMIZERS)),
             ("compute_dtype", self.compute_dtype in DTYPE_BYTES, ", ".join(DTYPE_BYTES)),
             ("device", self.device in ("cpu", "cuda"), "cpu, cuda"),
-            ("quant_type", self.quant_type in ("nf4", "fp4"), "nf4, fp4"),
+            ("quant_type", self.quant_type in QUANT_TYPES, ", ".join(QUANT_TYPES)),
         )
         for key, ok, allowed in checks:
             if not ok:

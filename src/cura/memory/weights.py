@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 from functools import cache
 
+from cura.constants import ALL_LINEAR, DYNAMIC_MAP_SIZE, NESTED_BLOCKSIZE, STATE8_BLOCKSIZE
 from cura.errors import CuraError
 from cura.memory.shapes import ModelShape
-from cura.memory.spec import ALL_LINEAR, PlanSpec, Term
+from cura.memory.spec import PlanSpec, Term
+from cura.nn.select import matches
 
-NESTED_BLOCKSIZE = 256  # double quantization: absmax values quantized in blocks of 256 (cura.quant.tensor)
-STATE8_BLOCK = 256  # 8-bit optimizer state: one float32 absmax per 256 values (cura.optim.state8bit)
+CODE_4BIT_SIZE = 16  # entries of the NF4 / FP4 code book (4 bits)
 PAGES_IN_FLIGHT = 3  # PagedAdamW on a GPU: parameters whose state is on the device at once (_IN_FLIGHT + 1)
 
 
@@ -30,11 +31,6 @@ def linear_path(layer: int, name: str) -> str:
     return f"model.layers.{layer}.{'self_attn' if name in ATTENTION_LINEARS else 'mlp'}.{name}"
 
 
-def _matches(path: str, patterns: tuple[str, ...]) -> bool:
-    """`cura.adapters`' rule: a pattern matches a module whose path equals it or ends in "." + pattern."""
-    return any(path == p or path.endswith("." + p) for p in patterns)
-
-
 @cache
 def _targets_per_layer(
     names: tuple[str, ...], layers: int, targets: str | tuple[str, ...], exclude: tuple[str, ...]
@@ -42,8 +38,8 @@ def _targets_per_layer(
     chosen = []
     for layer in range(layers):
         paths = {n: linear_path(layer, n) for n in names}
-        wanted = names if targets == ALL_LINEAR else [n for n in names if _matches(paths[n], targets)]
-        chosen.append(tuple(n for n in wanted if not _matches(paths[n], exclude)))
+        wanted = names if targets == ALL_LINEAR else [n for n in names if matches(paths[n], targets)]
+        chosen.append(tuple(n for n in wanted if not matches(paths[n], exclude)))
     return tuple(chosen)
 
 
@@ -123,8 +119,8 @@ def quant_constants_per_linear(n: int, spec: PlanSpec) -> int:
     """
     blocks = math.ceil(n / spec.blocksize)
     if spec.double_quant:
-        return blocks + 4 * math.ceil(blocks / NESTED_BLOCKSIZE) + 256 * 4 + 16 * 4
-    return 4 * blocks + 16 * 4
+        return blocks + 4 * math.ceil(blocks / NESTED_BLOCKSIZE) + DYNAMIC_MAP_SIZE * 4 + CODE_4BIT_SIZE * 4
+    return 4 * blocks + CODE_4BIT_SIZE * 4
 
 
 def quantization_constants(shape: ModelShape, spec: PlanSpec) -> Term:
@@ -206,7 +202,7 @@ def optimizer_state_bytes(sizes: list[int], spec: PlanSpec) -> int:
     plus a float32 absmax per 256 values, 2 * (n + 4 * ceil(n / 256)).
     """
     if spec.eight_bit:
-        return sum(2 * (n + 4 * math.ceil(n / STATE8_BLOCK)) + 4 for n in sizes)
+        return sum(2 * (n + 4 * math.ceil(n / STATE8_BLOCKSIZE)) + 4 for n in sizes)
     return sum(2 * n * spec.param_bytes + 4 for n in sizes)
 
 

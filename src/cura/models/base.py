@@ -23,13 +23,11 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from cura.constants import DEFAULT_BLOCKSIZE, DEFAULT_DOUBLE_QUANT, DEFAULT_LORA_EXCLUDE, DEFAULT_QUANT_TYPE
 from cura.errors import CuraError
 from cura.models.sources import KNOWN_NAMES
 
 METHODS = ("qlora", "lora")
-DEFAULT_SKIP = ("lm_head",)
-# The 4-bit defaults (QLoRA: NF4, 64 elements per absmax, double quantization); `load_model` uses the same.
-DEFAULT_QUANT_TYPE, DEFAULT_BLOCKSIZE, DEFAULT_DOUBLE_QUANT = "nf4", 64, True
 
 
 def normalize_source(source: str | Path) -> str:
@@ -52,7 +50,7 @@ class BaseSpec:
     quant_type: str = DEFAULT_QUANT_TYPE
     blocksize: int = DEFAULT_BLOCKSIZE
     double_quant: bool = DEFAULT_DOUBLE_QUANT
-    skip_modules: tuple[str, ...] = DEFAULT_SKIP
+    skip_modules: tuple[str, ...] = DEFAULT_LORA_EXCLUDE
     compute_dtype: str | None = None  # None: not recorded (e.g. a PEFT adapter); the loader picks
     chat_template: str | None = None
     chat_template_source: str | None = None
@@ -89,7 +87,7 @@ class BaseSpec:
             quant_type=config.quant_type,
             blocksize=int(config.blocksize),
             double_quant=bool(config.double_quant),
-            skip_modules=tuple(getattr(config, "skip_modules", DEFAULT_SKIP)),
+            skip_modules=tuple(getattr(config, "skip_modules", DEFAULT_LORA_EXCLUDE)),
             compute_dtype=str(dtype).removeprefix("torch."),
             chat_template=chat_template,
             chat_template_source=chat_template_source,

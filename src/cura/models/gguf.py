@@ -13,13 +13,11 @@ checkpoint. A changed GGUF (new size or mtime) gets a new folder.
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from cura.atomic import atomic_folder
 from cura.models.sources import cache_root
 
 
@@ -58,17 +56,12 @@ def gguf_to_hf_folder(path: Path, name: str | None = None) -> Path:
     if folder is not None:
         return folder
     folder = gguf_cache_folder(path, name)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        convert_gguf(Path(path), tmp)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process finished the same conversion first: keep theirs
-            if not (folder / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_folder(folder, overwrite=False) as tmp:
+            convert_gguf(Path(path), tmp)
+    except FileExistsError:  # another process finished the same conversion first: keep theirs
+        if not (folder / "config.json").is_file():
+            raise
     return folder
 
 

@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from cura.constants import DEFAULT_BLOCKSIZE, DEFAULT_DOUBLE_QUANT, DEFAULT_LORA_EXCLUDE, DEFAULT_QUANT_TYPE
 from cura.errors import CuraError
-from cura.models.base import DEFAULT_BLOCKSIZE, DEFAULT_DOUBLE_QUANT, DEFAULT_QUANT_TYPE, DEFAULT_SKIP
 from cura.models.checkpoint import CheckpointReader
 from cura.models.gguf import cached_gguf_folder, gguf_args, gguf_to_hf_folder
 from cura.models.sources import BUNDLED_NAME, resolve_source
+from cura.nn.select import matches
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -97,13 +98,14 @@ def load_model(
     blocksize: int = DEFAULT_BLOCKSIZE,
     double_quant: bool = DEFAULT_DOUBLE_QUANT,
     compute_dtype: torch.dtype = torch.float32,
-    skip: tuple[str, ...] = DEFAULT_SKIP,
+    skip: tuple[str, ...] = DEFAULT_LORA_EXCLUDE,
     device: str = "cpu",
     trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load `source` (HF folder | .gguf | bnb-4bit folder | "smollm2-135m") as a `*ForCausalLM` in eval mode.
 
-    With `quantize=True` every `nn.Linear` whose name does not match `skip` becomes a cura `Linear4bit`
+    With `quantize=True` every `nn.Linear` whose name does not match `skip` (`cura.nn.select.matches`, the
+    rule `quantize_model` and PEFT use) becomes a cura `Linear4bit`
     (`quant_type` codes, `blocksize` elements per absmax, double quantization of the absmax); embeddings,
     norms and skipped linears stay in `compute_dtype`. With `quantize=False` the model is exactly what
     transformers loads in `compute_dtype` (a bnb checkpoint is dequantized). A bnb checkpoint keeps the 4-bit
@@ -132,17 +134,12 @@ class QuantSpec:
     double_quant: bool = DEFAULT_DOUBLE_QUANT
 
 
-def matches(name: str, patterns: tuple[str, ...]) -> bool:
-    """True when a module name is one of `patterns`, or ends with ".<pattern>" (e.g. "lm_head", "o_proj")."""
-    return any(name == p or name.endswith("." + p) or name.startswith(p + ".") for p in patterns)
-
-
 def load_checkpoint(
     folder: Path,
     spec: QuantSpec | None,
     *,
     compute_dtype: torch.dtype = torch.float32,
-    skip: tuple[str, ...] = DEFAULT_SKIP,
+    skip: tuple[str, ...] = DEFAULT_LORA_EXCLUDE,
     device: str = "cpu",
     trust_remote_code: bool = False,
 ):

@@ -8,8 +8,9 @@ A checkpoint is a folder `checkpoints/step-000050/` holding everything an exact 
                                                       the scheduler, optimizer param groups and scalar state
     rng.safetensors                                   torch (and CUDA) RNG states
 
-It is written into `checkpoints/.tmp-step-000050/` and renamed into place only when complete, so an
-interrupted save leaves the previous checkpoint untouched and `latest_checkpoint` ignores the debris. No
+It is written into a temporary sibling folder (`cura.atomic.atomic_folder`) and renamed into place only when
+complete, so an interrupted save leaves the previous checkpoint untouched and `latest_checkpoint` ignores
+the debris (and `trainer_state.json`, written last, marks a complete folder). No
 pickle is involved: tensors go through safetensors, the rest through JSON.
 """
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from cura.atomic import atomic_folder
 from cura.errors import CuraError
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -62,12 +63,6 @@ class TrainerState:
 
 def checkpoint_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:06d}"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _optimizer_to_flat(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -119,20 +114,16 @@ def save_checkpoint(
     """Write the checkpoint of `state.step` atomically and prune old ones, keeping the newest `keep`."""
     root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(root, state.step)
-    tmp = root / f".tmp-{final.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_adapter_to(tmp)
-    tensors, meta = _optimizer_to_flat(optimizer.state_dict())
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    save_file({k: v.contiguous() for k, v in rng_state().items()}, str(tmp / "rng.safetensors"))
-    record = dict(state.to_json(), optimizer=meta, scheduler=scheduler.state_dict())
-    # trainer_state.json is written last: its presence marks the folder as complete.
-    (tmp / COMPLETE_MARKER).write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
-    if final.exists():  # a re-save of the same step (e.g. the final save after an interval save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_folder(
+        final
+    ) as tmp:  # replaces a re-save of the same step (the final save after an interval)
+        save_adapter_to(tmp)
+        tensors, meta = _optimizer_to_flat(optimizer.state_dict())
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        save_file({k: v.contiguous() for k, v in rng_state().items()}, str(tmp / "rng.safetensors"))
+        record = dict(state.to_json(), optimizer=meta, scheduler=scheduler.state_dict())
+        # trainer_state.json is written last: its presence marks the folder as complete.
+        (tmp / COMPLETE_MARKER).write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
     _prune(root, keep)
     return final
 

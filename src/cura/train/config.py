@@ -12,13 +12,24 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from cura.adapters import LoraConfig
+from cura.constants import (
+    BLOCKSIZES,
+    COMPUTE_DTYPES,
+    DEFAULT_BLOCKSIZE,
+    DEFAULT_COMPUTE_DTYPE,
+    DEFAULT_DOUBLE_QUANT,
+    DEFAULT_LOSS_CHUNK_TOKENS,
+    DEFAULT_QUANT_TYPE,
+    QUANT_TYPES,
+)
 from cura.data import DataConfig
 from cura.errors import CuraError
 
 Method = Literal["qlora", "lora"]
 Optimizer = Literal["paged_adamw", "paged_adamw_8bit", "adamw"]
 Schedule = Literal["cosine", "constant", "linear"]
-DType = Literal["auto", "float32", "bfloat16", "float16"]
+DType = Literal[COMPUTE_DTYPES]  # a tuple subscript is the same Literal as its items written out
+QuantType = Literal[QUANT_TYPES]
 Malloc = Literal["auto", "fast", "tight"]
 
 
@@ -29,10 +40,12 @@ class TrainConfig:
     model: str = "smollm2-135m"  # a transformers folder, a .gguf file, a bnb-4bit folder or a known name
     output_dir: str = "cura-runs/run"
     method: Method = "qlora"  # qlora: 4-bit NF4 frozen base; lora: full-precision frozen base
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    blocksize: int = 64
-    double_quant: bool = True
-    compute_dtype: DType = "auto"  # auto: bfloat16 where the hardware has it natively (cura.hardware)
+    quant_type: QuantType = DEFAULT_QUANT_TYPE
+    blocksize: int = DEFAULT_BLOCKSIZE
+    double_quant: bool = DEFAULT_DOUBLE_QUANT
+    # fmt: off
+    compute_dtype: DType = DEFAULT_COMPUTE_DTYPE  # auto: bfloat16 where the hardware has it natively (cura.hardware)
+    # fmt: on
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: Optimizer = "paged_adamw"
@@ -48,7 +61,9 @@ class TrainConfig:
     grad_accum: int = 1
     max_grad_norm: float = 0.3  # QLoRA's default; 0 disables clipping
     gradient_checkpointing: bool = True
-    loss_chunk_tokens: int = 1024  # logits are computed this many trained tokens at a time
+    # fmt: off
+    loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS  # logits are computed this many trained tokens at a time
+    # fmt: on
     seed: int = 0
     eval_every: int = 0  # 0: evaluate only before and after training
     eval_batches: int = 0  # 0: the whole eval split
@@ -85,7 +100,7 @@ class TrainConfig:
             raise CuraError(f"config key 'lr' must be a positive learning rate such as 2e-4, got {self.lr}")
         if self.max_steps == 0 and not self.epochs > 0:
             raise CuraError("set either 'max_steps' or a positive 'epochs'")
-        if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+        if self.blocksize not in BLOCKSIZES:
             raise CuraError(
                 f"config key 'blocksize' must be a power of two from 32 to 4096, got {self.blocksize}"
             )

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from cura.adapters import load_adapter, save_adapter
-from cura.atomic import atomic_folder
+from cura.adapters import check_same_base, load_adapter, save_adapter
+from cura.atomic import atomic_folder, write_json
 from cura.config import to_dict
 from cura.errors import CuraError
 from cura.hardware import default_device
@@ -33,7 +33,6 @@ from cura.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
-    write_json_atomic,
 )
 from cura.train.config import TrainConfig
 from cura.train.preflight import preflight
@@ -144,8 +143,15 @@ def start_or_resume(run: Run, session: Session, say: Say) -> TrainerState:
             say(f"no complete checkpoint in {session.checkpoints}: starting a new run")
         if session.metrics.path.exists():
             session.metrics.path.unlink()
-        write_json_atomic(session.out / "config.json", to_dict(run.config))
+        write_json(session.out / "config.json", to_dict(run.config))
         return TrainerState(total_steps=run.total_steps)
+    check_same_base(
+        latest,
+        run_base_spec(run),
+        spec_is="this run's config describes",
+        advice="resume with the model and quantization settings of the run that wrote it, or train into "
+        "a new output folder",
+    )
     load_adapter(run.model, latest, trainable=True)
     state = load_checkpoint(latest, optimizer=run.optimizer, scheduler=run.scheduler)
     state.total_steps = run.total_steps  # the config's, which a resume may have raised
@@ -248,17 +254,16 @@ def checkpoint_due(config: TrainConfig, state: TrainerState) -> bool:
 
 def save_run_adapter(run: Run, folder: Path) -> None:
     """The adapter files (PEFT layout plus cura's record of the base) of this run into `folder`."""
-    c, data = run.config, run.data
-    save_adapter(
-        run.model,
-        c.lora,
-        folder,
-        base=BaseSpec.from_config(
-            c,
-            chat_template=data.chat_template,
-            chat_template_source="fallback" if data.template_is_fallback else "tokenizer",
-            compute_dtype=run.compute_dtype,
-        ),
+    save_adapter(run.model, run.config.lora, folder, base=run_base_spec(run))
+
+
+def run_base_spec(run: Run) -> BaseSpec:
+    """The record of the base this run trains on (written with every adapter, checked on resume)."""
+    return BaseSpec.from_config(
+        run.config,
+        chat_template=run.data.chat_template,
+        chat_template_source="fallback" if run.data.template_is_fallback else "tokenizer",
+        compute_dtype=run.compute_dtype,
     )
 
 

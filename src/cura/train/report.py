@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
-from cura.train.checkpoint import write_json_atomic
+from cura.atomic import atomic_file, write_json, write_text
 
 
 class MetricsLog:
@@ -25,11 +24,7 @@ class MetricsLog:
         if not self.path.exists():
             return
         kept = [line for line in self.read() if line.get("step", 0) <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in kept:
-                f.write(json.dumps(row) + "\n")
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(json.dumps(row) + "\n" for row in kept))
 
     def append(self, row: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -52,7 +47,7 @@ class MetricsLog:
 
 
 def write_summary(path: Path, summary: dict[str, Any]) -> None:
-    write_json_atomic(path, summary)
+    write_json(path, summary)
 
 
 def plot_losses(rows: list[dict[str, Any]], path: Path, *, held_out: list[tuple[int, float]] = ()) -> None:
@@ -82,10 +77,11 @@ def plot_losses(rows: list[dict[str, Any]], path: Path, *, held_out: list[tuple[
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path) as tmp:  # keeps the .png suffix savefig reads the format from
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)
 
 
 def _ema(values, alpha: float = 0.3) -> list[float]:

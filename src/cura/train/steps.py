@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from cura.constants import IGNORE_INDEX
 
 
 def _chunk_loss_sum(
