@@ -139,3 +139,14 @@ def test_auto_fit_on_a_cpu_fits_what_the_process_will_hold(monkeypatch):
     peak = plan(shape_from_source("smollm2-135m"), plan_spec(fitted, "cpu", native_bf16=native_bf16("cpu")))
     assert peak.peak_bytes <= room
     assert any("300 MiB of 1 GiB is this process before loading" in m for m in messages)
+
+
+def test_every_train_flag_has_a_meaning():
+    """`cura train --help` gives each flag one line of meaning, read from the config's own field docs."""
+    from cura.config import leaf_docs, leaf_fields
+    from cura.train import TrainConfig
+
+    docs = leaf_docs(TrainConfig)
+    missing = [key for key, _, _ in leaf_fields(TrainConfig) if not docs.get(key)]
+    assert not missing, f"fields without a docstring: {missing}"
+    assert docs["lora.r"] == "rank of the LoRA update"

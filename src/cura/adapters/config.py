@@ -20,11 +20,17 @@ class LoraConfig:
     """
 
     r: int = 16
+    """rank of the LoRA update"""
     alpha: float = 32.0
+    """scale numerator: the update is multiplied by alpha / r"""
     dropout: float = 0.05
+    """dropout on the LoRA input"""
     target_modules: str | list[str] = ALL_LINEAR
+    """all-linear or module names (q_proj,v_proj) that get an adapter"""
     use_rslora: bool = False
+    """scale by alpha / sqrt(r) (rank-stabilized LoRA)"""
     exclude: tuple[str, ...] = DEFAULT_LORA_EXCLUDE
+    """module names that never get an adapter (wins over target_modules)"""
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:

@@ -22,17 +22,29 @@ class DataConfig:
     """
 
     path: str | None = None
+    """training data: .jsonl, .json, .csv, .parquet, a folder of them or a datasets save_to_disk folder"""
     eval_path: str | None = None
+    """held-out data; none: eval_split of path is held out"""
     format: str = "auto"
+    """auto (detected), alpaca, messages, sharegpt, prompt_completion, guanaco or text"""
     fields: dict[str, str] = field(default_factory=dict)
+    """column mapping for custom data, e.g. prompt=question,completion=answer"""
     system_prompt: str | None = None
+    """a system message added to every conversation that has none"""
     train_on_prompt: bool = False
+    """also train on the prompt tokens, not only the answers"""
     max_length: int = DEFAULT_MAX_LENGTH
+    """tokens per training sequence (the sequence length)"""
     overlong: str = "truncate"
+    """a sample longer than max_length: truncate (oldest turns first), drop, or error"""
     packing: bool = True
+    """pack several samples into one sequence (attention stays inside each sample)"""
     eval_split: float = 0.05
+    """held out of path when there is no eval_path: a fraction below 1 or a row count"""
     seed: int = 0
+    """seed of the split and the per-epoch order"""
     max_errors: int = 20
+    """bad rows reported before the check stops"""
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:

@@ -37,47 +37,74 @@ Malloc = Literal["auto", "fast", "tight"]
 class TrainConfig:
     """Everything a fine-tuning run needs. Defaults follow the QLoRA paper where it has one."""
 
-    model: str = "smollm2-135m"  # a transformers folder, a .gguf file, a bnb-4bit folder or a known name
+    model: str = "smollm2-135m"
+    """the base: a transformers folder, a .gguf file, a bitsandbytes 4-bit folder or a known name"""
     output_dir: str = "cura-runs/run"
-    method: Method = "qlora"  # qlora: 4-bit NF4 frozen base; lora: full-precision frozen base
+    """where the run writes its adapter, checkpoints, metrics.jsonl, summary.json and loss.png"""
+    method: Method = "qlora"
+    """qlora: frozen 4-bit base; lora: frozen full-precision base"""
     quant_type: QuantType = DEFAULT_QUANT_TYPE
+    """4-bit code of the base: nf4 (NormalFloat, QLoRA's) or fp4"""
     blocksize: int = DEFAULT_BLOCKSIZE
+    """weights per 4-bit scale (absmax), a power of two from 32 to 4096"""
     double_quant: bool = DEFAULT_DOUBLE_QUANT
-    # fmt: off
-    compute_dtype: DType = DEFAULT_COMPUTE_DTYPE  # auto: bfloat16 where the hardware has it natively (cura.hardware)
-    # fmt: on
+    """quantize the scales too (8-bit, blocks of 256): 4.127 instead of 4.5 bits per weight"""
+    compute_dtype: DType = DEFAULT_COMPUTE_DTYPE
+    """dtype of the matmuls; auto: bfloat16 where the hardware has it natively, else float32"""
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: Optimizer = "paged_adamw"
+    """paged AdamW with 32-bit or 8-bit state, or torch's AdamW"""
     lr: float = 2e-4
+    """peak learning rate"""
     weight_decay: float = 0.0
+    """AdamW weight decay of the LoRA weights"""
     adam_beta1: float = 0.9
+    """AdamW beta1"""
     adam_beta2: float = 0.999
+    """AdamW beta2"""
     schedule: Schedule = "cosine"
+    """learning-rate schedule after warmup"""
     warmup_steps: int = 0
-    max_steps: int = 0  # 0: derived from `epochs`
+    """optimizer steps of linear warmup"""
+    max_steps: int = 0
+    """optimizer steps to train; 0: derived from epochs"""
     epochs: float = 1.0
+    """passes over the training split when max_steps is 0"""
     batch_size: int = 4
+    """sequences per micro-batch"""
     grad_accum: int = 1
-    max_grad_norm: float = 0.3  # QLoRA's default; 0 disables clipping
+    """micro-batches per optimizer step"""
+    max_grad_norm: float = 0.3
+    """gradient clipping norm (QLoRA's default); 0 disables clipping"""
     gradient_checkpointing: bool = True
-    # fmt: off
-    loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS  # logits are computed this many trained tokens at a time
-    # fmt: on
+    """recompute each layer in backward instead of keeping its activations"""
+    loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS
+    """the loss computes logits for this many trained tokens at a time"""
     seed: int = 0
-    eval_every: int = 0  # 0: evaluate only before and after training
-    eval_batches: int = 0  # 0: the whole eval split
-    save_every: int = 50  # checkpoint interval in optimizer steps; 0: only at the end
+    """seed of the LoRA init, data order and dropout"""
+    eval_every: int = 0
+    """held-out loss every N steps; 0: only before and after training"""
+    eval_batches: int = 0
+    """held-out batches per evaluation; 0: the whole eval split"""
+    save_every: int = 50
+    """checkpoint interval in optimizer steps; 0: only at the end"""
     keep_checkpoints: int = 2
+    """checkpoints kept (the newest)"""
     log_every: int = 1
-    max_bad_steps: int = 5  # non-finite steps in a row before the run stops
+    """write a metrics.jsonl line every N steps"""
+    max_bad_steps: int = 5
+    """non-finite steps in a row before the run stops"""
     resume: bool = False
-    overwrite: bool = False  # allow training into a non-empty output folder without --resume
-    threads: int = 0  # CPU threads for torch; 0: all cores
-    # CPU runs: tight makes RSS follow `cura estimate` (freed tensors go back to the system, steps up to 1.9x
-    # slower); fast keeps glibc's default malloc (may hold up to 3x); auto: fast unless that might not fit
+    """continue from the newest complete checkpoint in output_dir"""
+    overwrite: bool = False
+    """allow training into a non-empty output folder without resume"""
+    threads: int = 0
+    """CPU threads for torch; 0: all cores"""
     cpu_malloc: Malloc = "auto"
+    """CPU runs: tight makes memory follow `cura estimate` (steps up to 1.9x slower); fast keeps glibc's default (may hold up to 3x); auto: fast unless that might not fit"""
     progress: bool = True
+    """show progress bars"""
 
     def __post_init__(self) -> None:
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "log_every": self.log_every}
