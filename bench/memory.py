@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from cura.atomic import write_json
 from cura.config import from_dict
+from cura.hardware import describe_machine
 from cura.memory import plan, shape_from_source
 from cura.train.config import TrainConfig
 from cura.train.measure import measure_in_subprocess
@@ -155,9 +155,8 @@ def main() -> None:
         "malloc": args.malloc,
         "measured_over_predicted": {"min": min(ratios), "max": max(ratios)},
         "machine": {
-            "platform": platform.platform(),
+            **describe_machine(),
             "python": sys.version.split()[0],
-            "cpus": os.cpu_count(),
             "date": time.strftime("%Y-%m-%d"),
         },
     }

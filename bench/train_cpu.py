@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -31,6 +30,7 @@ import time
 from pathlib import Path
 
 from cura.atomic import write_json
+from cura.hardware import describe_machine
 
 BATCH, SEQ, RANK, ALPHA = 4, 256, 16, 32
 MODES = (
@@ -235,9 +235,9 @@ def write_report(results: dict) -> None:
         "threads": 2,
         "gradient_checkpointing": True,
         "machine": {
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
+            **describe_machine(),
             "cura_auto_dtype": str(resolve_compute_dtype("auto", "cpu")).removeprefix("torch."),
+            "load_average_1min": os.getloadavg()[0],
         },
         "modes": results,
         "ratios": {

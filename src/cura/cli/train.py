@@ -82,25 +82,28 @@ def register(sub) -> None:
         default=None,
         help="shrink batch size / sequence length so the run fits in MEMORY (e.g. 12GB or a GPU name)",
     )
-    taken = set(ALIASES)
-    docs = leaf_docs(TrainConfig)
-    for key, tp, f in leaf_fields(TrainConfig):
+    add_config_flags(p, TrainConfig, taken=set(ALIASES))
+    p.add_argument(  # the demo only: how many held-out prompts it scores (CI runs a short demo)
+        "--demo-prompts", type=int, default=None, help=argparse.SUPPRESS
+    )
+    p.set_defaults(func=run)
+
+
+def add_config_flags(p: argparse.ArgumentParser, cls, taken: set[str]) -> None:
+    """One flag per leaf key of the config class (`--lora.r`), its help read from the field's own doc."""
+    docs = leaf_docs(cls)
+    for key, tp, f in leaf_fields(cls):
         if key in taken:
             continue
-        flag = "--" + key.replace("_", "-")
         extra = {"nargs": "?", "const": "true"} if tp is bool else {}
         p.add_argument(
-            flag,
+            "--" + key.replace("_", "-"),
             dest=f"cfg:{key}",
             default=argparse.SUPPRESS,
             metavar="VALUE",
             help=field_help(tp, f, docs.get(key)),
             **extra,
         )
-    p.add_argument(  # the demo only: how many held-out prompts it scores (CI runs a short demo)
-        "--demo-prompts", type=int, default=None, help=argparse.SUPPRESS
-    )
-    p.set_defaults(func=run)
 
 
 def build_config(args):

@@ -98,6 +98,7 @@ def _clip(text: str, width: int) -> str:
 
 
 def run_demo(config, prompts_scored: int = SCORED) -> int:
+    from cura.atomic import write_text
     from cura.generate import generate
     from cura.train import TrainHooks, train
 
@@ -131,7 +132,7 @@ def run_demo(config, prompts_scored: int = SCORED) -> int:
     expected = [answer for _, answer in examples]
     report = demo_report(examples, before, after, result)
     print(report)
-    (Path(config.output_dir) / "demo.md").write_text(report + "\n", encoding="utf-8")
+    write_text(Path(config.output_dir) / "demo.md", report + "\n")
     em_before = sum(map(exact_match, before, expected)) / len(expected)
     em_after = sum(map(exact_match, after, expected)) / len(expected)
     return 0 if em_after >= em_before else 1

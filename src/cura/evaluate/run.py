@@ -94,6 +94,32 @@ def generation_scores(
     return scores
 
 
+def _generation_part(model, tokenizer, rows, gen_names, extractor, max_new_tokens, batch_size, progress):
+    """(scores, samples) of greedy generations on the rows that have references."""
+    from cura.generate import generate
+
+    scored = [r for r in rows if r.references]
+    if not scored:
+        raise CuraError(
+            f"metrics {', '.join(gen_names)} need references but no row has one; name the reference "
+            "column with --field reference=COLUMN or use --metrics loss"
+        )
+    predictions = generate(
+        model,
+        tokenizer,
+        [r.prompt for r in scored],
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    scores = generation_scores(predictions, [r.references for r in scored], gen_names, extractor)
+    samples = [
+        {"prompt": r.prompt[-1]["content"], "references": list(r.references), "prediction": p}
+        for r, p in zip(scored, predictions, strict=True)
+    ]
+    return scores, samples
+
+
 def evaluate(
     model,
     tokenizer,
@@ -114,8 +140,6 @@ def evaluate(
     `loss_samples` (tokenized `{"input_ids", "labels"}` dicts, e.g. from cura.data) replace the rows'
     own tokenization for the loss.
     """
-    from cura.generate import generate
-
     rows = list(rows)[:limit] if limit is not None else list(rows)
     if not rows:
         raise CuraError("there are no rows to evaluate; check --data (and --limit)")
@@ -131,27 +155,12 @@ def evaluate(
         scores.update(loss=result.loss, perplexity=result.perplexity)
         loss_tokens = result.tokens
     gen_names = [n for n in names if n in GENERATION_METRICS]
-    scored = [r for r in rows if r.references]
     samples_out: list[dict[str, Any]] = []
     if gen_names:
-        if not scored:
-            raise CuraError(
-                f"metrics {', '.join(gen_names)} need references but no row has one; name the reference "
-                "column with --field reference=COLUMN or use --metrics loss"
-            )
-        predictions = generate(
-            model,
-            tokenizer,
-            [r.prompt for r in scored],
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            progress=progress,
+        gen_scores, samples_out = _generation_part(
+            model, tokenizer, rows, gen_names, extractor, max_new_tokens, batch_size, progress
         )
-        scores.update(generation_scores(predictions, [r.references for r in scored], gen_names, extractor))
-        samples_out = [
-            {"prompt": r.prompt[-1]["content"], "references": list(r.references), "prediction": p}
-            for r, p in zip(scored, predictions, strict=True)
-        ]
+        scores.update(gen_scores)
     return EvalResult(
         metrics=scores,
         samples=samples_out,

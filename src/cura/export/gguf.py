@@ -367,23 +367,7 @@ def export_gguf(
     result = ExportReport(output, modelfile, out_type, arch, count, output.stat().st_size, warnings=warnings)
     log(f"wrote {output} ({out_type}, {count} tensors, {result.bytes / 2**20:.1f} MiB) and {modelfile}")
     if check:
-        result.tolerance = TOLERANCES[out_type] if tolerance is None else tolerance
-        result.max_abs_logit_diff, result.tokenizer_roundtrip = check_gguf(model, tokenizer, output)
-        log(
-            f"parity: max |logit diff| {result.max_abs_logit_diff:.3g} (tolerance {result.tolerance:g} for "
-            f"{out_type}); tokenizer round trip {'ok' if result.tokenizer_roundtrip else 'DIFFERS'}"
-        )
-        if not result.tokenizer_roundtrip:
-            raise CuraError(
-                f"{output}: the tokenizer read back from the GGUF gives other token ids than the source "
-                "tokenizer; report this with the model's tokenizer.json"
-            )
-        if result.max_abs_logit_diff > result.tolerance:
-            raise CuraError(
-                f"{output}: logits read back differ from the source by {result.max_abs_logit_diff:.3g}, above "
-                f"the tolerance {result.tolerance:g} for {out_type}; export with --type f32 or f16 to check, "
-                "or pass --tolerance if this is expected"
-            )
+        verify_export(result, model, tokenizer, tolerance, log)
     return result
 
 
@@ -393,3 +377,26 @@ def _load_full(model_source):
 
     loaded = load_model(model_source, quantize=False, compute_dtype=torch.float32)
     return loaded.model, loaded.tokenizer
+
+
+def verify_export(result: ExportReport, model, tokenizer, tolerance: float | None, log=print) -> None:
+    """Read the written file back with transformers' GGUF loader: the tokenizer must give the same ids and
+    the logits must agree with `model` within `tolerance` (default `TOLERANCES[type]`); else CuraError."""
+    output, out_type = result.output, result.out_type
+    result.tolerance = TOLERANCES[out_type] if tolerance is None else tolerance
+    result.max_abs_logit_diff, result.tokenizer_roundtrip = check_gguf(model, tokenizer, output)
+    log(
+        f"parity: max |logit diff| {result.max_abs_logit_diff:.3g} (tolerance {result.tolerance:g} for "
+        f"{out_type}); tokenizer round trip {'ok' if result.tokenizer_roundtrip else 'DIFFERS'}"
+    )
+    if not result.tokenizer_roundtrip:
+        raise CuraError(
+            f"{output}: the tokenizer read back from the GGUF gives other token ids than the source "
+            "tokenizer; report this with the model's tokenizer.json"
+        )
+    if result.max_abs_logit_diff > result.tolerance:
+        raise CuraError(
+            f"{output}: logits read back differ from the source by {result.max_abs_logit_diff:.3g}, above "
+            f"the tolerance {result.tolerance:g} for {out_type}; export with --type f32 or f16 to check, "
+            "or pass --tolerance if this is expected"
+        )
