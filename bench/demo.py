@@ -50,6 +50,7 @@ def run_kind(kind: str, fresh_cache: bool) -> dict:
             raise SystemExit(f"{kind}: the demo exited {proc.returncode}:\n{proc.stderr[-3000:]}")
         summary = json.loads((out / "summary.json").read_text())
         table = (out / "demo.md").read_text()
+        batch_size = json.loads((out / "config.json").read_text())["batch_size"]
     return {
         "env": env_extra,
         "flags": flags,
@@ -57,7 +58,7 @@ def run_kind(kind: str, fresh_cache: bool) -> dict:
         "train_wall_seconds": round(summary["wall_seconds"], 1),
         "seconds_per_step": round(summary["seconds_per_step"], 2),
         "steps": summary["steps"],
-        "batch_size": json.loads((out / "config.json").read_text())["batch_size"],
+        "batch_size": batch_size,
         "compute_dtype": summary["compute_dtype"],
         "eval_loss": [summary["eval_loss_before"], summary["eval_loss_after"]],
         "exact_match": _row(table, "exact match"),

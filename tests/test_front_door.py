@@ -150,3 +150,21 @@ def test_every_train_flag_has_a_meaning():
     missing = [key for key, _, _ in leaf_fields(TrainConfig) if not docs.get(key)]
     assert not missing, f"fields without a docstring: {missing}"
     assert docs["lora.r"] == "rank of the LoRA update"
+
+
+def test_cura_train_refuses_an_overlong_sequence_before_loading(tmp_path, capsys):
+    """`--seq-len` beyond the model's context stops `cura train` with one sentence; nothing is written."""
+    from tiny import tiny_config
+
+    model = tmp_path / "tiny"
+    model.mkdir()
+    tiny_config("llama").to_json_file(model / "config.json")  # no weights: the refusal comes first
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n', encoding="utf-8")
+    out = tmp_path / "run"
+    code = main(
+        ["train", "--model", str(model), "--data", str(data), "--seq-len", "100000", "--output", str(out)]
+    )
+    assert code == 2
+    assert "100,000 tokens but" in capsys.readouterr().err
+    assert not out.exists()
