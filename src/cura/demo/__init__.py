@@ -36,6 +36,7 @@ DEMO = {
 # demo trains on half-size batches to keep its few-minute promise. bench/results/demo.json, 2 cores: bf16 batch 4
 # 4.3 s/step, 239 s in all, exact match 0% -> 88%; AVX2 float32 batch 2 5.2 s/step, 299 s, 0% -> 78%.
 DEMO_FLOAT32: dict[str, Any] = {"batch_size": 2}
+MEASURED_MINUTES = {"bfloat16": 4, "float32": 5}  # the whole demo, first run, 2 cores (bench/demo.py)
 
 
 def float32_compute(compute_dtype: str) -> bool:
@@ -120,12 +121,17 @@ def run_demo(config, prompts_scored: int = SCORED) -> int:
         if step == 2 and row.get("seconds"):
             say(expected_duration(row["seconds"], config.max_steps - 2))
 
+    dtype = "float32" if float32_compute(config.compute_dtype) else "bfloat16"
     say(
         f"cura demo: QLoRA fine-tune of {config.model} to answer orders in one JSON format "
-        f"({config.max_steps} steps of {config.batch_size} x {config.data.max_length} tokens, "
-        f"{'float32' if float32_compute(config.compute_dtype) else 'bfloat16'} compute; output in "
-        f"{config.output_dir})"
+        f"({config.max_steps} steps of {config.batch_size} x {config.data.max_length} tokens, {dtype} compute; "
+        f"output in {config.output_dir})"
     )
+    if config.max_steps == DEMO["max_steps"]:
+        say(
+            f"expected: about {MEASURED_MINUTES[dtype]} minutes with {dtype} compute on 2 cores (measured); the "
+            "estimate for this machine follows after step 2"
+        )
     result = train(config, hooks=TrainHooks(on_model_ready=on_model_ready, on_step_end=on_step_end))
     if not result.get("completed"):
         return 0  # interrupted: train() said how to resume
