@@ -137,7 +137,7 @@ def run(args) -> int:
     if is_demo:
         from cura.demo import run_demo
 
-        return run_demo(config, **({"prompts_scored": args.demo_prompts} if args.demo_prompts else {}))
+        return run_demo(config, args.demo_prompts)
     from cura.train import train
 
     result = train(config)

@@ -39,13 +39,22 @@ DEMO_FLOAT32: dict[str, Any] = {"batch_size": 2}
 MEASURED_MINUTES = {"bfloat16": 4, "float32": 5}  # the whole demo, first run, 2 cores (bench/demo.py)
 
 
+def compute_dtype_name(compute_dtype: str) -> str:
+    """The dtype a run will compute in ("bfloat16", "float32", ...): `auto` resolved as training resolves it
+    (`cura.hardware.resolve_compute_dtype`); a name that is not a dtype is returned as given, for the config's
+    validation to report."""
+    from cura.constants import COMPUTE_DTYPES
+
+    if compute_dtype not in COMPUTE_DTYPES:
+        return compute_dtype
+    from cura.hardware import default_device, resolve_compute_dtype
+
+    return str(resolve_compute_dtype(compute_dtype, default_device())).removeprefix("torch.")
+
+
 def float32_compute(compute_dtype: str) -> bool:
     """True when the run will compute in float32: asked for, or `auto` on hardware without native bf16."""
-    if compute_dtype != "auto":
-        return compute_dtype == "float32"
-    from cura.hardware import default_device, native_bf16
-
-    return not native_bf16(default_device())
+    return compute_dtype_name(compute_dtype) == "float32"
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -99,12 +108,14 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def run_demo(config, prompts_scored: int = SCORED) -> int:
+def run_demo(config, prompts_scored: int | None = None) -> int:
+    """The demo on `config` (from `demo_settings`), scoring the first `prompts_scored` held-out prompts
+    (default SCORED); exit code 0 unless the fine-tuned exact match fell below the base's."""
     from cura.atomic import write_text
     from cura.generate import generate
     from cura.train import TrainHooks, train
 
-    examples = read_examples(Path(config.data.eval_path or EVAL_FILE), prompts_scored)
+    examples = read_examples(Path(config.data.eval_path or EVAL_FILE), prompts_scored or SCORED)
     prompts = [messages for messages, _ in examples]
     before: list[str] = []
 
@@ -121,13 +132,13 @@ def run_demo(config, prompts_scored: int = SCORED) -> int:
         if step == 2 and row.get("seconds"):
             say(expected_duration(row["seconds"], config.max_steps - 2))
 
-    dtype = "float32" if float32_compute(config.compute_dtype) else "bfloat16"
+    dtype = compute_dtype_name(config.compute_dtype)
     say(
         f"cura demo: QLoRA fine-tune of {config.model} to answer orders in one JSON format "
         f"({config.max_steps} steps of {config.batch_size} x {config.data.max_length} tokens, {dtype} compute; "
         f"output in {config.output_dir})"
     )
-    if config.max_steps == DEMO["max_steps"]:
+    if config.max_steps == DEMO["max_steps"] and dtype in MEASURED_MINUTES:
         say(
             f"expected: about {MEASURED_MINUTES[dtype]} minutes with {dtype} compute on 2 cores (measured); the "
             "estimate for this machine follows after step 2"
