@@ -34,8 +34,46 @@ def imported_packages(root: Path) -> dict[str, str]:
     return found
 
 
+def optional_requirements(root: Path) -> list[tuple[str, str, str]]:
+    """(module, extra, file:line) of every `require("module", extra="...")` call in `root`."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            if not (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "id", getattr(node.func, "attr", "")) == "require"
+            ):
+                continue
+            args = [a.value for a in node.args if isinstance(a, ast.Constant)]
+            kwargs = {k.arg: k.value.value for k in node.keywords if isinstance(k.value, ast.Constant)}
+            module = args[0] if args else kwargs.get("module")
+            extra = args[1] if len(args) > 1 else kwargs.get("extra")
+            distribution = kwargs.get("distribution") or (module or "").split(".")[0]
+            if module and extra:
+                found.append((distribution, extra, f"{path.relative_to(root.parent)}:{node.lineno}"))
+    return found
+
+
+def check_extras(pyproject: Path) -> list[str]:
+    """Each optional package `cura.optional.require` names is listed in the extra it names."""
+    import re
+
+    import tomllib
+
+    extras = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"].get("optional-dependencies", {})
+    wrong = []
+    for distribution, extra, where in optional_requirements(SRC / "cura"):
+        names = {re.split(r"[<>=!~\[ ;]", spec, maxsplit=1)[0].lower() for spec in extras.get(extra, [])}
+        if distribution.lower() not in names:
+            wrong.append(
+                f"{where}: requires '{distribution}' from the extra '{extra}', which does not list it"
+            )
+    return wrong
+
+
 def main() -> int:
-    missing = []
+    missing = check_extras(SRC.parent / "pyproject.toml")
     for package, where in sorted(imported_packages(SRC / "cura").items()):
         if package in sys.stdlib_module_names or package == "__future__":
             continue
@@ -53,7 +91,10 @@ def main() -> int:
     for line in missing:
         print(line, file=sys.stderr)
     if missing:
-        print("add each package above to [project] dependencies in pyproject.toml", file=sys.stderr)
+        print(
+            "add each package above to [project] dependencies (a `require`d one: to the extra it names) in pyproject.toml",
+            file=sys.stderr,
+        )
         return 1
     print(f"check_imports: every import of src/cura is satisfied by `pip install .` ({sys.prefix})")
     return 0
