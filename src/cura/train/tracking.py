@@ -94,6 +94,7 @@ class Tracker:
     name: ClassVar[str]
     module: ClassVar[str]  # the package `cura.optional.require` imports
     purges: ClassVar[bool] = False  # it hides an earlier session's steps after the resume point itself
+    continued: bool = False  # `start` reopened an earlier session's run (which has its steps already)
 
     def start(self, run: TrackedRun) -> dict[str, Any]:
         raise NotImplementedError
@@ -165,6 +166,7 @@ class WandbTracker(Tracker):
     def start(self, run: TrackedRun) -> dict[str, Any]:
         wandb = self.load()
         run_id = run.saved.get("run_id") if run.resumed else None
+        self.continued = run_id is not None
         options: dict[str, Any] = {}
         if not wandb_mode_configured():
             options["mode"] = "offline"
@@ -223,6 +225,7 @@ class MlflowTracker(Tracker):
             Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.client = mlflow.MlflowClient(tracking_uri=uri)
         run_id = run.saved.get("run_id") if run.resumed and run.saved.get("tracking_uri") == uri else None
+        self.continued = run_id is not None
         if run_id:
             self.client.update_run(run_id, status="RUNNING")
         else:
@@ -333,8 +336,8 @@ class Tracking:
         """One metrics.jsonl line; W&B and MLflow skip the steps an earlier session already sent them."""
         step, metrics = int(row["step"]), numeric_fields(row)
         for tracker in list(self.trackers):
-            if step <= self.reported_through and not tracker.purges:
-                continue
+            if step <= self.reported_through and tracker.continued and not tracker.purges:
+                continue  # this tracker run has that step from the session a crash ended
             self._guard(tracker, f"logging step {step}", lambda t=tracker: t.log(step, metrics))
 
     def finish(self, summary: dict[str, Any], plot: Path | None) -> None:
