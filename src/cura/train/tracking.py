@@ -110,6 +110,10 @@ class Tracker:
         """The run died with an exception: end the tracker run as failed (a resume reopens it)."""
         raise NotImplementedError
 
+    def where(self) -> str:
+        """Where the user finds the run (said when it ends)."""
+        return self.name
+
     @classmethod
     def load(cls):
         """The tracker's library, or one sentence saying what to install."""
@@ -134,6 +138,7 @@ class TensorBoardTracker(Tracker):
         self.writer = SummaryWriter(
             log_dir=str(run.out / "tensorboard"), purge_step=run.resume_step + 1, flush_secs=10
         )
+        self.logdir = run.out / "tensorboard"
         self.writer.add_text("config", _json_block(run.config), run.resume_step)
         self.writer.add_text("base", _json_block(run.base), run.resume_step)
         return {}
@@ -155,6 +160,9 @@ class TensorBoardTracker(Tracker):
 
     def close(self) -> None:
         self.writer.close()
+
+    def where(self) -> str:
+        return f"TensorBoard: tensorboard --logdir {self.logdir}"
 
 
 class WandbTracker(Tracker):
@@ -196,6 +204,12 @@ class WandbTracker(Tracker):
     def close(self) -> None:
         self.run.finish(exit_code=1)
 
+    def where(self) -> str:
+        if self.run.settings._offline:
+            sessions = Path(self.run.settings.sync_dir).parent / f"offline-run-*-{self.run.id}"
+            return f"W&B: offline run {self.run.id}; upload it with: wandb sync {sessions}"
+        return f"W&B: {self.run.url}"
+
 
 def wandb_mode_configured() -> bool:
     """Whether the user chose W&B's mode: `WANDB_MODE`, or `wandb online` / `wandb offline` (settings file)."""
@@ -223,7 +237,7 @@ class MlflowTracker(Tracker):
         uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(local / 'mlflow.db').resolve()}"
         if uri.startswith("sqlite:///"):
             Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.client = mlflow.MlflowClient(tracking_uri=uri)
+        self.client, self.uri = mlflow.MlflowClient(tracking_uri=uri), uri
         run_id = run.saved.get("run_id") if run.resumed and run.saved.get("tracking_uri") == uri else None
         self.continued = run_id is not None
         if run_id:
@@ -276,6 +290,11 @@ class MlflowTracker(Tracker):
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id, "FAILED")
+
+    def where(self) -> str:
+        if self.uri.startswith("sqlite:"):
+            return f"MLflow: run {self.run_id}; mlflow ui --backend-store-uri {self.uri}"
+        return f"MLflow: run {self.run_id} at {self.uri}"
 
 
 BACKENDS: dict[str, type[Tracker]] = {t.name: t for t in (TensorBoardTracker, WandbTracker, MlflowTracker)}
@@ -347,7 +366,10 @@ class Tracking:
         else:
             status = "finished" if summary.get("completed") else "failed"
         for tracker in list(self.trackers):
+            where = self._guard(tracker, "finishing", lambda t=tracker: t.where())
             self._guard(tracker, "finishing", lambda t=tracker: t.finish(summary, plot, status))
+            if tracker in self.trackers and where:
+                self.say(where)
         self.trackers.clear()
 
     def close(self) -> None:
