@@ -154,6 +154,9 @@ def test_crashed_interrupted_and_resumed_run_is_one_curve_in_every_tracker(
     acc = EventAccumulator(str(out / "tensorboard"))
     acc.Reload()
     assert "loss_plot" in acc.Tags()["images"]
+    assert {"config/text_summary", "base/text_summary", "summary/text_summary"} <= set(acc.Tags()["tensors"])
+    base_text = acc.Tensors("base/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert json.loads(base_text.strip("`\n"))["quant_type"] == "nf4"
     assert {"summary/train_loss_last", "tokens_per_second", "memory_bytes", "grad_norm"} <= set(
         acc.Tags()["scalars"]
     )
