@@ -34,6 +34,7 @@ examples:
   cura train run.yaml --batch-size 2                  # a YAML file of the keys below; flags win
   cura train --data my.jsonl --auto-fit 12GB          # shrink batch / sequence to fit 12 GB
   cura train --data my.jsonl --output runs/mine --resume   # continue an interrupted run
+  cura train --data my.jsonl --report-to tensorboard,wandb  # also report to trackers (offline by default)
 
 Every key of the run's config is a flag below ('--lora.r 8' is the key lora.r); 'cura estimate' takes the
 same flags and prints the memory a run needs before you start it."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from cura.adapters import LoraConfig
 from cura.constants import (
@@ -31,6 +31,7 @@ Schedule = Literal["cosine", "constant", "linear"]
 DType = Literal[COMPUTE_DTYPES]  # a tuple subscript is the same Literal as its items written out
 QuantType = Literal[QUANT_TYPES]
 Malloc = Literal["auto", "fast", "tight"]
+Reporter = Literal["none", "tensorboard", "wandb", "mlflow"]
 
 
 @dataclass
@@ -105,6 +106,8 @@ class TrainConfig:
     """CPU runs: tight makes memory follow `cura estimate` (steps up to 1.9x slower); fast keeps glibc's default (may hold up to 3x); auto: fast unless that might not fit"""
     progress: bool = True
     """show progress bars"""
+    report_to: tuple[Reporter, ...] = ()
+    """experiment trackers that also get the run, comma-separated: tensorboard, wandb, mlflow (offline by default)"""
 
     def __post_init__(self) -> None:
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "log_every": self.log_every}
@@ -135,6 +138,7 @@ class TrainConfig:
             raise CuraError("config key 'loss_chunk_tokens' must be at least 1")
         if self.keep_checkpoints < 1:
             raise CuraError("config key 'keep_checkpoints' must be at least 1")
+        self.report_to = reporters(self.report_to)
 
     @property
     def seq_len(self) -> int:
@@ -142,3 +146,15 @@ class TrainConfig:
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+def reporters(value) -> tuple[str, ...]:
+    """`report_to` as tracker names without 'none' or repeats (the Python API may pass 'tensorboard,wandb')."""
+    names = [n.strip() for n in (value.split(",") if isinstance(value, str) else value) if n.strip()]
+    allowed = get_args(Reporter)
+    for name in names:
+        if name not in allowed:
+            raise CuraError(
+                f"config key 'report_to' takes {', '.join(allowed)} (comma-separated), got {name!r}"
+            )
+    return tuple(dict.fromkeys(n for n in names if n != "none"))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from cura.train.report import (
 )
 from cura.train.run import Run, build_run, prepare_process
 from cura.train.steps import current_memory_bytes, evaluate_loss, graceful_stop, peak_memory_bytes
+from cura.train.tracking import Tracking, prepare_tracking
 
 Say = Callable[[str], None]
 
@@ -82,6 +83,7 @@ class Session:
     train_seconds: float = 0.0
     tokens_seen: int = 0
     interrupted: str | None = None  # the signal that stopped the loop
+    tracking: Tracking = field(default_factory=Tracking)  # TensorBoard / W&B / MLflow (`report_to`)
 
     @property
     def checkpoints(self) -> Path:
@@ -97,18 +99,24 @@ def train(config: TrainConfig, *, hooks: TrainHooks | None = None, say: Say = _s
     started = time.perf_counter()
     out = Path(config.output_dir)
     check_output_folder(out, config)
+    tracking = prepare_tracking(config, say)  # a missing tracker library stops here, before anything loads
     preflight(config, default_device())  # the sequence fits the model's context, the plan fits the memory
     device, _ = prepare_process(config, say=say)
     run = build_run(config, device, say=say)
     say(describe_model(run))
     out.mkdir(parents=True, exist_ok=True)
-    session = Session(out, MetricsLog(out / "metrics.jsonl"), started)
+    session = Session(out, MetricsLog(out / "metrics.jsonl"), started, tracking=tracking)
     state = start_or_resume(run, session, say)
-    if hooks.on_model_ready:
-        hooks.on_model_ready(run.model, run.tokenizer)
-    evaluate_before(run, state, say)
-    run_loop(run, state, session, hooks, say)
-    return finish(run, state, session, say)
+    tracking.start(session.start_step, run_base_spec(run).to_dict(), out)
+    try:
+        if hooks.on_model_ready:
+            hooks.on_model_ready(run.model, run.tokenizer)
+        evaluate_before(run, state, say)
+        run_loop(run, state, session, hooks, say)
+        return finish(run, state, session, say)
+    except BaseException:
+        tracking.close()  # the tracker runs end as failed; a resume reopens them
+        raise
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -238,6 +246,7 @@ def evaluate_during(run: Run, state: TrainerState, row: dict[str, Any]) -> None:
 def log_step(run: Run, state: TrainerState, session: Session, row: dict, progress, hooks: TrainHooks) -> None:
     if state.step % run.config.log_every == 0 or state.step == state.total_steps:
         session.metrics.append(row)
+        session.tracking.log(row)
     progress.update(1)
     progress.set_postfix_str(postfix(row))
     if hooks.on_step_end:
@@ -306,6 +315,7 @@ def finish(run: Run, state: TrainerState, session: Session, say: Say) -> TrainRe
     if rows:
         held_out = [(0, state.eval_loss_before), (state.step, eval_after)]
         plot_losses(rows, session.out / "loss.png", held_out=[(s, v) for s, v in held_out if v is not None])
+    session.tracking.finish(summary, session.out / "loss.png" if rows else None)
     say(summary_text(summary, session.out))
     result = TrainResult(summary)
     result.model, result.tokenizer, result.output_dir = run.model, run.tokenizer, session.out
