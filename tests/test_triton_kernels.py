@@ -3,16 +3,22 @@
 TRITON_INTERPRET is set here, at import, before triton is imported or any kernel is jitted (cura jits them
 on first use, see `cura.quant.triton_kernels._kernels`), so these tests need no GPU. Dequantization must be
 bit-identical to the PyTorch reference (`cura.quant.blockwise`); the fused matmul is held to a bf16 bound.
+Where CUDA exists the interpreter is not switched on (it would also serve the compiled GPU tests of
+tests/test_gpu_kernels.py in the same process), and these tests skip, saying so.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import math
 import os
+from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: its jit then builds interpreted kernels
+import pytest
+import torch  # importing torch does not import triton
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: its jit then builds interpreted kernels
 
 pytest.importorskip("triton", reason="triton is not installed: the GPU kernels cannot be checked here")
 
@@ -27,7 +33,9 @@ triton_kernels._kernels.cache_clear()  # jit (again) under the interpreter, what
 @pytest.fixture(autouse=True)
 def _interpreter():
     if not triton_kernels.interpreting():
-        pytest.skip("TRITON_INTERPRET was not honoured: triton was set up before this module")
+        pytest.skip(
+            "CUDA is present (tests/test_gpu_kernels.py checks the compiled kernels) or TRITON_INTERPRET was unset"
+        )
 
 
 def _weight(shape, seed, dtype=torch.float32):
@@ -145,3 +153,31 @@ def test_linear4bit_forward_and_backward_through_the_fused_kernel(monkeypatch):
     got.sum().backward()
     ref.sum().backward()
     assert torch.equal(x.grad, x_ref.grad)  # backward: the same dequantize + matmul on both
+
+
+def _bench_module():
+    path = Path(__file__).resolve().parents[1] / "bench" / "train_gpu.py"
+    spec = importlib.util.spec_from_file_location("train_gpu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_bench_dry_run_core(tmp_path):
+    """The parts of bench/train_gpu.py a CPU can run (what `bench/gpu.sh --dry-run` runs, minus its
+    subprocesses): the kernel measurements in the interpreter, one cura QLoRA training arm on a tiny
+    random Llama, the planner's prediction for the 8B shape, MFU."""
+    bench = _bench_module()
+    kernels = bench.kernel_bench(dry=True)
+    assert kernels["interpreter"] and all(s["bit_exact"] for s in kernels["shapes"].values())
+    bench.write_model("tiny", tmp_path / "tiny", dry=True)
+    result = bench.child("cura_qlora", tmp_path / "tiny", [1], 16, 1, 0, dry=True)
+    step = result["batches"]["1"]
+    assert step["tokens_per_second"] > 0 and math.isfinite(step["losses"][0])
+    n_linear, layers, hidden = bench.linear_params("llama-3-8b")
+    predicted = bench.predicted_allocated("llama-3-8b", "cura_qlora", 4, 2048, dry=False)
+    assert n_linear * 0.5 < predicted < n_linear * 2  # 4-bit weights, at most bf16-sized extras
+    assert (
+        bench.mfu("llama-3-8b", 1000.0, 2048, 1e15)
+        == 1000.0 * (4 * n_linear + 6 * layers * 2048 * hidden) / 1e15
+    )
