@@ -33,14 +33,13 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from cura.constants import OPTIM_BITS
+from cura.constants import OPTIM_BITS, PAGING_MODES
 from cura.errors import CuraError
 from cura.optim.state8bit import dequantize_blockwise, dynamic_map, quantize_blockwise
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 _SIGNED = {"exp_avg": True, "exp_avg_sq": False}
 _IN_FLIGHT = 2  # parameters whose device pages may be alive at once (copy-in, update, copy-out overlap)
-PAGING_MODES = ("auto", "always", "never")
 DEFAULT_RESERVE_BYTES = 1 << 30
 """Device memory `paging="auto"` keeps free beyond the optimizer state: room for the next step's
 activation peak to vary (a longer batch) and for the in-flight pages of paged states. 1 GiB is about the
