@@ -432,3 +432,26 @@ def test_restored_state_is_placed_again_and_resumes_identically():
 def test_bad_paging_mode_is_a_user_error():
     with pytest.raises(CuraError, match="paging"):
         PagedAdamW(_params(), paging="sometimes")
+
+
+def test_peak_headroom_counts_the_activation_peak_and_is_stable_after_eviction(monkeypatch):
+    """`PeakHeadroom` (the CUDA default) on a simulated allocator: room at step time minus the last peak's
+    excursion; after evicting s bytes the headroom grows by s and stays (no eviction cascade)."""
+    from cura.optim import paged_adamw
+
+    gib = 1 << 30
+    sim = dict(capacity=10 * gib, allocated=6 * gib, peak=9 * gib)  # 3 GiB of activations came and went
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(
+        torch.cuda, "mem_get_info", lambda d: (sim["capacity"] - sim["allocated"], sim["capacity"])
+    )
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: sim["allocated"])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: sim["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: sim["peak"])
+    headroom, cuda = paged_adamw.PeakHeadroom(), torch.device("cuda")
+    assert paged_adamw.device_free_bytes(cuda) == 4 * gib  # what is free now overstates the room...
+    assert headroom(cuda) == 1 * gib  # ...by the 3 GiB the next forward/backward will take again
+    sim["allocated"] -= gib // 2  # half a GiB of state evicted; the run's peak stays where it was
+    assert headroom(cuda) == 1 * gib + gib // 2
+    sim["peak"] = sim["allocated"] + 4 * gib  # a longer batch: a new, higher peak
+    assert headroom(cuda) == 10 * gib - sim["allocated"] - 4 * gib

@@ -10,8 +10,8 @@ The update is torch's AdamW (Loshchilov & Hutter 2019) op for op, as in `torch.o
 
 so the parameters are bit-identical to torch's wherever the state lives. QLoRA (Dettmers et al. 2023) pages
 optimizer state so that a memory spike does not end the run. Placement, per parameter, decided at each
-step from the device's free memory (`device_free_bytes`, or an injected `free_memory` function: the tests
-simulate a device budget on CPU with it)::
+step from the room left at the device's peak (`PeakHeadroom`, or an injected `free_memory` function: the
+tests simulate a device budget on CPU with it)::
 
     paging="auto"    resident on the device while free - its bytes >= reserve_bytes; when free memory falls
                      under reserve_bytes, resident states are evicted (largest first) to (pinned) host
@@ -48,12 +48,36 @@ term per 2048 tokens is of that order); lower it on small cards, or pass paging=
 
 
 def device_free_bytes(device: torch.device) -> int | None:
-    """Bytes torch could still allocate on `device`: the driver's free memory plus what torch's caching
+    """Bytes torch could still allocate on `device` now: the driver's free memory plus what torch's caching
     allocator has reserved but not handed out. None for the CPU: host memory is the page file itself."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
     free, _total = torch.cuda.mem_get_info(device)
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+class PeakHeadroom:
+    """The default `free_memory`: what would be left at the next forward/backward peak, not just now.
+
+    At `step()` the activations are gone, so free memory alone overstates the room. The peak's excursion
+    above what persists (``transient = max_memory_allocated - memory_allocated``) is read whenever the run's
+    peak grew since the last call (it is then this step's peak) and kept otherwise, without resetting the
+    peak statistics the training loop reports; headroom = free now - transient. Evicting s bytes of state
+    raises the headroom by s (they leave `memory_allocated`, the peak's excursion stays), so the decision is
+    stable from step to step."""
+
+    def __init__(self) -> None:
+        self._peak: dict[torch.device, int] = {}
+        self._transient: dict[torch.device, int] = {}
+
+    def __call__(self, device: torch.device) -> int | None:
+        free = device_free_bytes(device)
+        if free is None:
+            return None
+        peak, now = torch.cuda.max_memory_allocated(device), torch.cuda.memory_allocated(device)
+        if peak > self._peak.get(device, -1):
+            self._peak[device], self._transient[device] = peak, peak - now
+        return free - self._transient[device]
 
 
 def _check(name: str, value: float, ok: bool, hint: str) -> None:
@@ -66,7 +90,7 @@ class PagedAdamW(torch.optim.Optimizer):
 
     `optim_bits`: 32 (state in the parameter's dtype, like torch) or 8 (blockwise dynamic quantization).
     `page_device`: where updates run; default each parameter's own device. `paging`, `reserve_bytes` and
-    `free_memory` (device -> free bytes, or None for "unlimited"; default `device_free_bytes`): see the
+    `free_memory` (device -> free bytes, or None for "unlimited"; default `PeakHeadroom()`): see the
     module docstring. State tensors in `state_dict()` are `step` (float32 scalar) plus `exp_avg`,
     `exp_avg_sq` (32-bit) or `exp_avg_codes` (uint8), `exp_avg_absmax` (float32 per 256 values) and the
     same for `exp_avg_sq` (8-bit).
@@ -96,7 +120,7 @@ class PagedAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.page_device = torch.device(page_device) if page_device is not None else None
         self.paging, self.reserve_bytes = paging, reserve_bytes
-        self.free_memory = free_memory or device_free_bytes
+        self.free_memory = free_memory or PeakHeadroom()
         self.paged: dict[torch.Tensor, bool] = {}  # param -> its state is in host memory (absent: unplaced)
         self.paging_stats = dict(bytes_in=0, bytes_out=0, evictions=0, promotions=0)
 
