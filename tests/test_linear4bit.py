@@ -188,3 +188,39 @@ def test_cura_checkpoint_loads_in_transformers_with_bitsandbytes(make_tiny, tmp_
     ids = torch.randint(0, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_on_a_4bit_base_dequantizes_once_per_forward_and_once_per_backward(monkeypatch):
+    """base + LoRA: LoRA's matmuls never need W, so the composition already dequantizes W once in forward
+    and once in backward (with activation checkpointing the recomputed forward adds one more)."""
+    from cura.nn import LoRALinear
+    from cura.quant.tensor import QuantizedTensor
+
+    calls = []
+    real = QuantizedTensor.dequantize
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.shape)
+        return real(self, *args, **kwargs)
+
+    torch.manual_seed(0)
+    layer = LoRALinear(Linear4bit.from_linear(torch.nn.Linear(64, 32)), r=4, alpha=8, dropout=0.1)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    plain = torch.nn.Linear(64, 32)
+    with torch.no_grad():
+        plain.weight.copy_(layer.base_layer.quantized_weight.dequantize(torch.float32))
+        plain.bias.copy_(layer.base_layer.bias)
+    monkeypatch.setattr(QuantizedTensor, "dequantize", counting)
+    x = torch.randn(5, 64, requires_grad=True)
+    torch.manual_seed(1)
+    y = layer(x)
+    assert len(calls) == 1
+    y.square().sum().backward()
+    assert len(calls) == 2
+    # parity with the same LoRA on a plain linear holding the dequantized weight (same dropout mask)
+    x_ref = x.detach().clone().requires_grad_()
+    torch.manual_seed(1)
+    mask_free = plain(x_ref) + layer.lora_B(layer.lora_A(layer.lora_dropout(x_ref))) * layer.scaling
+    mask_free.square().sum().backward()
+    torch.testing.assert_close(y, mask_free, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)

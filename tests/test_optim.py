@@ -214,13 +214,15 @@ def test_bad_hyperparameters_are_user_errors(kwargs, key):
         PagedAdamW(_params(), **kwargs)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="paging to a GPU needs CUDA")
 @pytest.mark.parametrize("bits", [32, 8])
-def test_cuda_paging_matches_cpu_and_keeps_state_on_host(bits):
+@pytest.mark.parametrize("paging", ["always", "auto"])
+def test_cuda_paging_matches_cpu_and_keeps_state_on_host(bits, paging):
     cpu, gpu = _params(), [p.detach().cuda().requires_grad_() for p in _params()]
     o_cpu, o_gpu = (
         PagedAdamW(cpu, lr=1e-2, weight_decay=0.1, optim_bits=bits),
-        PagedAdamW(gpu, lr=1e-2, weight_decay=0.1, optim_bits=bits),
+        PagedAdamW(gpu, lr=1e-2, weight_decay=0.1, optim_bits=bits, paging=paging),
     )
     ref = [p.detach().cuda().requires_grad_() for p in _params()]
     o_ref = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, foreach=False)
@@ -230,7 +232,11 @@ def test_cuda_paging_matches_cpu_and_keeps_state_on_host(bits):
                 p.grad = g.to(p.device)
         o_cpu.step(), o_gpu.step(), o_ref.step()
     for state in o_gpu.state.values():
-        assert all(t.device.type == "cpu" and (t.dim() == 0 or t.is_pinned()) for t in state.values())
+        if paging == "always":
+            assert all(t.device.type == "cpu" and (t.dim() == 0 or t.is_pinned()) for t in state.values())
+        else:  # a few KiB of state fit on any GPU: it stays there and nothing is copied
+            assert all(t.device.type == "cuda" for k, t in state.items() if k != "step")
+    assert (o_gpu.paging_stats["bytes_in"] == 0) == (paging == "auto")
     for a, b in zip(gpu, cpu, strict=True):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6)
     if bits == 32:
@@ -313,3 +319,139 @@ def test_8bit_state_matches_bitsandbytes_adamw8bit():
         ours_err, theirs_err = (ours - exact).norm(), (theirs - exact).norm()
         assert ours_err <= 1.25 * theirs_err, (ours_err, theirs_err)
         assert (ours - theirs).norm() <= 0.4 * (theirs - init).norm()  # measured 0.30
+
+
+class SimulatedDevice:
+    """A device budget for `PagedAdamW(free_memory=...)` on CPU: `capacity` bytes minus what the optimizer
+    keeps resident minus a `spike` the test sets (another tensor's peak), as torch's allocator would see."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.spike, self.optimizer = capacity, 0, None
+
+    def __call__(self, device: torch.device) -> int:
+        opt = self.optimizer
+        resident = sum(opt._state_nbytes(opt.state[p]) for p, paged in opt.paged.items() if not paged)
+        return self.capacity - self.spike - resident
+
+
+def _paged_run(steps: int, budget: SimulatedDevice | None = None, spikes: dict | None = None, **kw):
+    params = _params()
+    opt = PagedAdamW(params, lr=1e-2, weight_decay=0.1, free_memory=budget, **kw)
+    if budget is not None:
+        budget.optimizer = opt
+    stats = []
+    for i in range(steps):
+        if budget is not None and spikes and i in spikes:
+            budget.spike = spikes[i]
+        for p, g in zip(params, _grads(i), strict=True):
+            p.grad = g.clone()
+        opt.step()
+        stats.append(dict(opt.paging_stats, paged=sum(opt.paged.values())))
+    return params, opt, stats
+
+
+def _adamw_reference(steps: int) -> list[torch.Tensor]:
+    ref = _params()
+    _run(torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, foreach=False), ref, range(steps))
+    return ref
+
+
+STATE_BYTES = sum(2 * 4 * torch.Size(s).numel() for s in SHAPES)  # m and v in float32
+
+
+def test_paging_nothing_is_copied_while_the_state_fits():
+    budget = SimulatedDevice(capacity=STATE_BYTES + 4096)
+    params, opt, stats = _paged_run(12, budget, reserve_bytes=1024)
+    assert stats[-1] == dict(bytes_in=0, bytes_out=0, evictions=0, promotions=0, paged=0)
+    pointers = {name: t.data_ptr() for name, t in opt.state[params[0]].items()}
+    _run(opt, params, range(12, 14))  # the same tensors are updated in place
+    assert {name: t.data_ptr() for name, t in opt.state[params[0]].items()} == pointers
+    for a, b in zip(params, _adamw_reference(14), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_paging_under_pressure_evicts_then_returns_and_equals_adamw():
+    """A spike at step 4 leaves room for little state: the largest states are paged to host memory (copies
+    counted) and the numbers stay AdamW's bit for bit; once the spike is gone (step 9) they come back."""
+    budget = SimulatedDevice(capacity=STATE_BYTES + 8192)
+    spikes = {4: STATE_BYTES + 8192 - 1500, 9: 0}
+    params, opt, stats = _paged_run(14, budget, spikes, reserve_bytes=1024)
+    assert all(s["bytes_in"] == 0 and s["paged"] == 0 for s in stats[:4])  # fits: nothing copied
+    assert stats[4]["evictions"] >= 1 and stats[4]["paged"] >= 1 and stats[4]["bytes_in"] > 0
+    assert 0 < stats[4]["paged"] < len(SHAPES)  # only what had to go: the smallest states stayed
+    assert stats[8]["bytes_in"] > stats[4]["bytes_in"]  # paged states travel at every update
+    assert stats[9]["promotions"] == stats[4]["evictions"] and stats[9]["paged"] == 0
+    assert stats[-1]["bytes_in"] == stats[8]["bytes_in"]  # back on the device: nothing copied since
+    for a, b in zip(params, _adamw_reference(14), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_paging_with_no_room_at_all_pages_every_state_from_the_start():
+    params, opt, stats = _paged_run(6, SimulatedDevice(capacity=0), reserve_bytes=0)
+    assert all(s["paged"] == len(SHAPES) for s in stats)
+    assert stats[-1]["bytes_in"] == stats[-1]["bytes_out"] == 6 * STATE_BYTES
+    for a, b in zip(params, _adamw_reference(6), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("paging, paged", [("always", len(SHAPES)), ("never", 0)])
+def test_paging_flag_forces_placement(paging, paged):
+    budget = SimulatedDevice(capacity=0 if paging == "never" else 1 << 40)
+    params, opt, stats = _paged_run(5, budget, paging=paging)
+    assert stats[-1]["paged"] == paged and (stats[-1]["bytes_in"] > 0) == (paged > 0)
+    for a, b in zip(params, _adamw_reference(5), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_8bit_state_is_the_same_whether_resident_or_paged():
+    runs = [
+        _paged_run(8, SimulatedDevice(capacity=cap), {3: spike}, optim_bits=8, reserve_bytes=512)
+        for cap, spike in ((1 << 30, 0), (STATE_BYTES, STATE_BYTES - 700))
+    ]
+    assert runs[0][2][-1]["paged"] == 0 and runs[1][2][-1]["paged"] > 0
+    for a, b in zip(runs[0][0], runs[1][0], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_restored_state_is_placed_again_and_resumes_identically():
+    budget = SimulatedDevice(capacity=STATE_BYTES + 4096)
+    params, opt, _ = _paged_run(5, budget, reserve_bytes=1024)
+    saved = copy.deepcopy(opt.state_dict())
+    resumed_params = [p.detach().clone().requires_grad_() for p in params]
+    budget2 = SimulatedDevice(capacity=STATE_BYTES + 4096)
+    resumed = PagedAdamW(resumed_params, lr=1e-2, weight_decay=0.1, free_memory=budget2, reserve_bytes=1024)
+    budget2.optimizer = resumed
+    resumed.load_state_dict(saved)
+    _run(opt, params, range(5, 9))
+    _run(resumed, resumed_params, range(5, 9))
+    assert sum(resumed.paged.values()) == 0 and resumed.paging_stats["bytes_in"] == 0
+    for a, b in zip(params, resumed_params, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_bad_paging_mode_is_a_user_error():
+    with pytest.raises(CuraError, match="paging"):
+        PagedAdamW(_params(), paging="sometimes")
+
+
+def test_peak_headroom_counts_the_activation_peak_and_is_stable_after_eviction(monkeypatch):
+    """`PeakHeadroom` (the CUDA default) on a simulated allocator: room at step time minus the last peak's
+    excursion; after evicting s bytes the headroom grows by s and stays (no eviction cascade)."""
+    from cura.optim import paged_adamw
+
+    gib = 1 << 30
+    sim = dict(capacity=10 * gib, allocated=6 * gib, peak=9 * gib)  # 3 GiB of activations came and went
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(
+        torch.cuda, "mem_get_info", lambda d: (sim["capacity"] - sim["allocated"], sim["capacity"])
+    )
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: sim["allocated"])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: sim["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: sim["peak"])
+    headroom, cuda = paged_adamw.PeakHeadroom(), torch.device("cuda")
+    assert paged_adamw.device_free_bytes(cuda) == 4 * gib  # what is free now overstates the room...
+    assert headroom(cuda) == 1 * gib  # ...by the 3 GiB the next forward/backward will take again
+    sim["allocated"] -= gib // 2  # half a GiB of state evicted; the run's peak stays where it was
+    assert headroom(cuda) == 1 * gib + gib // 2
+    sim["peak"] = sim["allocated"] + 4 * gib  # a longer batch: a new, higher peak
+    assert headroom(cuda) == 10 * gib - sim["allocated"] - 4 * gib

@@ -32,6 +32,8 @@ DEFAULT_LORA_EXCLUDE = ("lm_head",)
 
 # --- optimizer state --------------------------------------------------------------------------------------
 OPTIM_BITS = (8, 32)
+PAGING_MODES = ("auto", "always", "never")
+"""Where a paged optimizer keeps its state: on the device while it fits (auto), in host memory, or on the device."""
 STATE8_BLOCKSIZE = 256
 """Blocksize of the 8-bit optimizer state (bitsandbytes' blockwise 8-bit optimizers use 256 too)."""
 

@@ -166,10 +166,13 @@ def loss_grad_buffer(shape: ModelShape, spec: PlanSpec) -> int:
 
 
 def dequantized_bytes(n: int, spec: PlanSpec) -> int:
-    """The transient full-precision copy of an n-element 4-bit weight that `Linear4bit` makes for one matmul
-    (float32, then cast to e where e != 4): n * (4 + e) bytes, n * 4 in float32 compute; 0 without QLoRA."""
+    """The transient full-precision copy of an n-element 4-bit weight that `Linear4bit` makes for one matmul:
+    on a CPU float32, then cast to e where e != 4: n * (4 + e) bytes; on CUDA the Triton kernel writes e
+    directly (`cura.quant.triton_kernels`): n * e; 0 without QLoRA."""
     if spec.method != "qlora":
         return 0
+    if spec.device == "cuda":
+        return n * spec.e
     return n * (4 + (spec.e if spec.e != 4 else 0))
 
 
@@ -230,12 +233,30 @@ step's autograd graph nodes, saved-variable records and checkpoint frames. Measu
 same width added 10 MiB (bench/memory.py)."""
 
 CUDA_CONTEXT_BYTES = 500 * 2**20
-"""CUDA: the context (kernels, cuBLAS/cuDNN handles and workspaces) that `torch.cuda.max_memory_allocated`
-does not count but the card must hold; 300-600 MiB on recent GPUs and drivers (PyTorch's CUDA semantics notes).
-Not measured here: no GPU was available when this was written."""
+"""CUDA: the context (the driver's state, the loaded kernels of torch, cuBLAS and Triton, cuBLAS/cuDNN handles)
+that `torch.cuda.max_memory_allocated` does not count but the card must hold. Source: PyTorch's CUDA
+semantics notes and what `nvidia-smi` shows for a process that only did `torch.cuda.init()`: 300-600 MiB on
+recent GPUs and drivers with lazy module loading (CUDA >= 11.7). An estimate, not a measurement: no GPU was
+available when it was written; bench/train_gpu.py measures it (`nvidia-smi`-free: mem_get_info before and
+after init) and records the value to replace it with."""
 
 CUDA_ALLOCATOR_FRACTION = 0.05
-"""CUDA: caching-allocator fragmentation (reserved minus allocated), as a fraction of allocated bytes."""
+"""CUDA: caching-allocator slack (`memory_reserved - memory_allocated` at the peak: blocks split and cached
+for reuse), as a fraction of allocated bytes. Source: PyTorch's caching-allocator design (blocks rounded to
+512 B, 2 MiB segments for small and 20 MiB for large requests) and the 3-8% gap commonly reported for
+transformer training; an estimate until bench/train_gpu.py's `reserved / allocated` replaces it."""
+
+CUDA_WORKSPACE_BYTES = 32 * 2**20
+"""CUDA: cuBLAS' workspace per (handle, stream), which torch allocates through its caching allocator, so it
+IS counted by `max_memory_allocated`: 32 MiB on Hopper (sm_90) and 4 MiB x 2 + 16 KiB x 8 on older GPUs
+(PyTorch's `CUBLAS_WORKSPACE_CONFIG` notes, `getChosenWorkspaceSize` in ATen's CublasHandlePool). The
+Triton kernels need no workspace (W's tile lives in registers). Estimate until measured on a GPU."""
+
+
+def cuda_uncounted_bytes(allocated: int) -> int:
+    """What the CUDA overhead term adds beyond `max_memory_allocated` (the context and the allocator's
+    slack): the benchmark subtracts it from a plan to compare with a measured peak."""
+    return CUDA_CONTEXT_BYTES + int(CUDA_ALLOCATOR_FRACTION * allocated)
 
 
 def framework_overhead(shape: ModelShape, spec: PlanSpec, allocated: int) -> Term:
@@ -248,9 +269,9 @@ def framework_overhead(shape: ModelShape, spec: PlanSpec, allocated: int) -> Ter
             n,
             f"measured on this kind of machine: RSS beyond tensors ({shape.num_layers} layers)",
         )
-    slack = int(CUDA_ALLOCATOR_FRACTION * allocated)
     return Term(
         "framework overhead",
-        CUDA_CONTEXT_BYTES + slack,
-        f"CUDA context ~{CUDA_CONTEXT_BYTES >> 20} MiB + {CUDA_ALLOCATOR_FRACTION:.0%} allocator slack",
+        cuda_uncounted_bytes(allocated) + CUDA_WORKSPACE_BYTES,
+        f"CUDA context ~{CUDA_CONTEXT_BYTES >> 20} MiB + {CUDA_ALLOCATOR_FRACTION:.0%} allocator slack "
+        f"+ cuBLAS workspace {CUDA_WORKSPACE_BYTES >> 20} MiB",
     )

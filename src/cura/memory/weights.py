@@ -209,8 +209,10 @@ def optimizer_state_bytes(sizes: list[int], spec: PlanSpec) -> int:
 def optimizer_state(shape: ModelShape, spec: PlanSpec) -> tuple[Term, int]:
     """(the device's share of the optimizer state, the host's share).
 
-    On a GPU, `PagedAdamW` keeps the state in (pinned) host memory and pages at most PAGES_IN_FLIGHT
-    parameters' moments onto the device per update (`cura.optim.paged_adamw`, QLoRA's paged optimizer);
+    On a GPU, `PagedAdamW` needs on the device only PAGES_IN_FLIGHT parameters' moments at a time: the rest
+    can live in (pinned) host memory (`cura.optim.paged_adamw`, QLoRA's paged optimizer). This is the
+    least it needs, the question "does it fit"; with paging="auto" it keeps the whole state on the device
+    while the card has room, so a measured peak on a roomy card includes the host share too.
     torch AdamW keeps it on the device. On a CPU everything is host memory, which is the device.
     """
     sizes = trained_sizes(shape, spec)

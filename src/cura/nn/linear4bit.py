@@ -14,7 +14,7 @@ from torch import nn
 
 from cura.constants import DEFAULT_BLOCKSIZE, DEFAULT_DOUBLE_QUANT, DEFAULT_LORA_EXCLUDE, DEFAULT_QUANT_TYPE
 from cura.nn.select import matches
-from cura.quant import QuantizedTensor, quantize
+from cura.quant import QuantizedTensor, quantize, triton_kernels
 
 _QUANT_BUFFERS = ("absmax", "code", "nested_absmax", "nested_code")
 
@@ -28,6 +28,8 @@ class _Dequantized4bitMatmul(torch.autograd.Function):
         # sees (and saved-tensor hooks count) exactly what is kept for backward.
         ctx.weight = weight
         ctx.save_for_backward(packed, absmax, nested_absmax)
+        if matmul_backend(x.device, x.numel() // max(1, x.shape[-1]), dtype) == "fused":
+            return triton_kernels.matmul_4bit(x, weight, dtype)
         return x @ weight.dequantize(dtype).t()
 
     @staticmethod
@@ -35,6 +37,19 @@ class _Dequantized4bitMatmul(torch.autograd.Function):
         packed, absmax, nested_absmax = ctx.saved_tensors  # keeps them alive (and version-checked)
         grad_x = grad_out @ ctx.weight.dequantize(grad_out.dtype) if ctx.needs_input_grad[0] else None
         return grad_x, None, None, None, None, None
+
+
+def matmul_backend(device: torch.device, rows: int, dtype: torch.dtype) -> str:
+    """How the forward matmul runs: ``"fused"`` (Triton dequantize-matmul, W decoded in registers) for a
+    CUDA input of at most `FUSED_MAX_ROWS` rows where triton is installed, else ``"dequantize"`` (one
+    dequantization of the whole weight, then torch's matmul: a few rows on a CPU, or many rows anywhere)."""
+    fused = (
+        device.type == "cuda"
+        and rows <= triton_kernels.FUSED_MAX_ROWS
+        and dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and triton_kernels.triton_available()
+    )
+    return "fused" if fused else "dequantize"
 
 
 def linear_4bit(

@@ -31,13 +31,14 @@ from cura.constants import (
     NESTED_BLOCKSIZE,
     QUANT_TYPES,
 )
-from cura.quant import kernels
+from cura.quant import kernels, triton_kernels
 from cura.quant.blockwise import (
     dequantize_blocks,
     dequantize_packed,
     pack_nibbles,
     quad_table,
     quantize_blocks,
+    unpack_nibbles,
 )
 from cura.quant.codebooks import code_4bit, dynamic_map_signed
 
@@ -96,9 +97,15 @@ class QuantizedTensor:
 
         With `out` (contiguous float32, same number of elements) the float32 values are written there,
         so a caller that dequantizes repeatedly can reuse one buffer instead of fresh memory each time.
-        On CPU the compiled kernels do the work (same bits; see `cura.quant.kernels`).
+        On CPU the compiled kernels do the work (same bits; see `cura.quant.kernels`); on CUDA one Triton
+        launch per weight (`dequant_backend` says which path a device takes).
         """
-        return dequantize_with(kernels.library_for(self.packed), self, dtype, out=out)
+        backend = dequant_backend(self.device)
+        if backend in ("c", "torch"):
+            return dequantize_with(
+                kernels.library_for(self.packed) if backend == "c" else None, self, dtype, out
+            )
+        return dequantize_on_device(backend, self, dtype, out)
 
     def to(self, device: torch.device | str) -> "QuantizedTensor":
         """The same quantized data on `device` (moved, never re-quantized)."""
@@ -273,6 +280,45 @@ def dequantize_with(
         if done is not None:
             return target.view(q.shape) if out is not None else target.view(q.shape).to(dtype)
     values = dequantize_packed(q.packed, q.absmax_float(), _table(q.code), q.blocksize, q.numel, out)
+    return values.view(q.shape) if out is not None else values.view(q.shape).to(dtype)
+
+
+def dequant_backend(device: torch.device) -> str:
+    """Which implementation dequantizes a weight held on `device`, decided once, explicitly:
+
+    - ``"c"``: a CPU tensor with the compiled kernels enabled (they may still decline: NaN, no compiler;
+      then the reference runs, see `dequantize_with`);
+    - ``"torch"``: a CPU tensor with ``CURA_KERNELS=0``: the reference, `dequantize_packed` (its
+      cache-sized chunk loop is tuned for CPU caches and threads);
+    - ``"triton"``: a CUDA tensor where triton is installed: one kernel launch per weight;
+    - ``"torch-whole"``: any other accelerator, or CUDA without triton: the reference formula on the whole
+      tensor at once (a handful of launches), never the CPU chunk loop.
+    """
+    if device.type == "cpu":
+        return "c" if kernels.enabled() else "torch"
+    if device.type == "cuda" and triton_kernels.triton_available():
+        return "triton"
+    return "torch-whole"
+
+
+def dequantize_on_device(
+    backend: str, q: QuantizedTensor, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`QuantizedTensor.dequantize` through an accelerator backend of `dequant_backend` ("triton" or
+    "torch-whole"); also callable on CPU tensors (the tests run "triton" in Triton's interpreter)."""
+    dtype = dtype or q.dtype
+    if backend == "triton":
+        direct = dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+        values = triton_kernels.dequantize_4bit(q, torch.float32 if out is not None else direct, out)
+    elif backend == "torch-whole":
+        codes = unpack_nibbles(q.packed, q.numel)
+        values = dequantize_blocks(codes, q.absmax_float(), q.code, q.blocksize)
+        if out is not None:
+            values = out.view(-1).copy_(values)
+    else:
+        raise ValueError(
+            f"unknown accelerator dequantization backend {backend!r}; use 'triton' or 'torch-whole'."
+        )
     return values.view(q.shape) if out is not None else values.view(q.shape).to(dtype)
 
 

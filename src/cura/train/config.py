@@ -20,6 +20,7 @@ from cura.constants import (
     DEFAULT_DOUBLE_QUANT,
     DEFAULT_LOSS_CHUNK_TOKENS,
     DEFAULT_QUANT_TYPE,
+    PAGING_MODES,
     QUANT_TYPES,
 )
 from cura.data import DataConfig
@@ -27,6 +28,7 @@ from cura.errors import CuraError
 
 Method = Literal["qlora", "lora"]
 Optimizer = Literal["paged_adamw", "paged_adamw_8bit", "adamw"]
+Paging = Literal[PAGING_MODES]
 Schedule = Literal["cosine", "constant", "linear"]
 DType = Literal[COMPUTE_DTYPES]  # a tuple subscript is the same Literal as its items written out
 QuantType = Literal[QUANT_TYPES]
@@ -56,6 +58,8 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: Optimizer = "paged_adamw"
     """paged AdamW with 32-bit or 8-bit state, or torch's AdamW"""
+    optim_paging: Paging = "auto"
+    """paged AdamW's state: auto: on the GPU while it fits, host memory under pressure; always: host; never: GPU"""
     lr: float = 2e-4
     """peak learning rate"""
     weight_decay: float = 0.0

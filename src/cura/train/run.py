@@ -143,7 +143,10 @@ def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> tor
             params, lr=config.lr, betas=betas, weight_decay=config.weight_decay, foreach=False
         )
     bits = 8 if config.optimizer == "paged_adamw_8bit" else 32
-    return PagedAdamW(params, lr=config.lr, betas=betas, weight_decay=config.weight_decay, optim_bits=bits)
+    return PagedAdamW(
+        params, lr=config.lr, betas=betas, weight_decay=config.weight_decay, optim_bits=bits,
+        paging=config.optim_paging,
+    )  # fmt: skip
 
 
 def build_model(config: TrainConfig, device: torch.device, compute_dtype: torch.dtype):
