@@ -136,16 +136,50 @@ def request(url: str, data: dict | None = None, *, token=None, headers=None, met
 
 
 @pytest.fixture(scope="module")
-def server(workspace):
-    proc, base, _ = start_server(workspace, "--max-upload-mb", "0.5")
-    yield base
+def served(workspace):
+    """`cura ui --host 0.0.0.0`: the real CLI, so the access token is on; (base URL, token)."""
+    proc, base, token = start_server(workspace, "--host", "0.0.0.0", "--max-upload-mb", "0.5")
+    yield base, token
     stop_server(proc, workspace)
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served[0]
+
+
+@pytest.fixture(scope="module")
+def token(served):
+    return served[1]
+
+
+@pytest.fixture(scope="module")
+def local_server(workspace):
+    """The app without a token (what plain `cura ui` serves on 127.0.0.1), in a thread of this process."""
+    import threading
+
+    import uvicorn
+
+    from cura.ui.server import create_app
+
+    port = free_port()
+    config = uvicorn.Config(create_app(workspace), host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
 
 
 # ------------------------------------------------------------------------------- plain HTTP: the rules
 
 
-def test_paths_outside_the_workspace_are_refused(server, workspace, tmp_path):
+def test_paths_outside_the_workspace_are_refused(local_server, workspace, tmp_path):
+    server = local_server
     secret = tmp_path / "secret.jsonl"
     secret.write_text(DEMO_TRAIN.read_text().splitlines()[0] + "\n")
     (workspace / "link.jsonl").symlink_to(secret)
@@ -165,14 +199,16 @@ def test_paths_outside_the_workspace_are_refused(server, workspace, tmp_path):
     assert status == 200 and body  # inside: served
 
 
-def test_posts_need_the_header_and_localhost(server):
+def test_posts_need_the_header_and_localhost(local_server):
+    server = local_server
     status, body = request(f"{server}/api/model", {"model": "models/tiny"}, headers={"X-Cura": "0"})
     assert status == 403 and "X-Cura" in body["error"]
     status, body = request(f"{server}/api/state", headers={"Host": "evil.example:80"})
     assert status == 403 and "localhost" in body["error"]
 
 
-def test_only_listed_settings_run(server):
+def test_only_listed_settings_run(local_server):
+    server = local_server
     for settings in ({"output_dir": "/tmp/x"}, {"model": "x"}, {"threads": 3}):
         status, body = request(
             f"{server}/api/runs/r-bad/start",
@@ -183,7 +219,7 @@ def test_only_listed_settings_run(server):
     assert status == 400 and "run name" in body["error"]
 
 
-def test_upload_limit(server):
+def test_upload_limit(server, token):
     boundary = "cura-test"
     payload = b"x" * (600 * 1024)
     body = (
@@ -197,25 +233,26 @@ def test_upload_limit(server):
     req = urllib.request.Request(
         f"{server}/api/data/upload",
         data=body,
-        headers={"X-Cura": "1", "Content-Type": f"multipart/form-data; boundary={boundary}"},
+        headers={
+            "X-Cura": "1",
+            "Content-Type": f"multipart/form-data; boundary={boundary}",
+            "Authorization": f"Bearer {token}",
+        },
     )
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(req, timeout=30)
     assert info.value.code == 413 and b"upload limit" in info.value.read()
 
 
-def test_token_is_required_when_not_on_localhost(workspace):
-    proc, base, token = start_server(workspace, "--host", "0.0.0.0")
-    try:
-        assert token and len(token) >= 20
-        assert request(base + "/api/state")[0] == 401
-        assert request(base + "/")[0] == 401
-        assert request(base + "/api/state", token=token[:-1] + "x")[0] == 401
-        assert request(base + "/api/state", token=token)[0] == 200
-        assert request(base + f"/api/state?token={token}")[0] == 200
-        assert request(base + "/api/state", headers={"X-Cura-Token": token})[0] == 200
-    finally:
-        stop_server(proc, workspace)
+def test_token_is_required_when_not_on_localhost(server, token):
+    assert token and len(token) >= 20
+    assert request(server + "/api/state")[0] == 401
+    assert request(server + "/")[0] == 401
+    assert request(server + "/api/files?path=orders.jsonl")[0] == 401
+    assert request(server + "/api/state", token=token[:-1] + "x")[0] == 401
+    assert request(server + "/api/state", token=token)[0] == 200
+    assert request(server + f"/api/state?token={token}")[0] == 200
+    assert request(server + "/api/state", headers={"X-Cura-Token": token})[0] == 200
 
 
 def test_histogram_and_gguf_types():
@@ -258,7 +295,7 @@ def screens(tmp_path_factory) -> Path:
     return path
 
 
-def test_the_whole_flow_in_a_browser(server, workspace, browser, screens):
+def test_the_whole_flow_in_a_browser(server, token, workspace, browser, screens):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -281,7 +318,9 @@ def test_the_whole_flow_in_a_browser(server, workspace, browser, screens):
     def points():
         return len(d.find_elements(By.CSS_SELECTOR, "#chart circle.pt-loss"))
 
-    d.get(server + "/")
+    d.get(
+        f"{server}/?token={token}"
+    )  # then the cookie carries it, as for a person opening the printed address
     wait(lambda: "models/tiny" in d.find_element(By.ID, "model").get_attribute("innerHTML"), what="models")
     Select(d.find_element(By.ID, "model")).select_by_value("models/tiny")
     click("model-go")
@@ -300,8 +339,27 @@ def test_the_whole_flow_in_a_browser(server, workspace, browser, screens):
     assert d.find_elements(By.CSS_SELECTOR, "#data-out .example .t")  # trained tokens highlighted
     d.save_screenshot(str(screens / "2-data.png"))
 
-    # Plan
+    # Plan: too big for 520 MiB, the suggested change applied in one click, then the run's own settings
     nav("plan")
+
+    def setting(key, value):
+        field = d.find_element(By.ID, f"set-{key}")
+        field.clear()
+        field.send_keys(value)
+
+    setting("batch_size", "64")
+    setting("data.max_length", "128")
+    d.find_element(By.ID, "target-size").send_keys("520MiB")
+    click("plan-go")
+    wait(lambda: "does not fit" in text("plan-out") and d.find_elements(By.ID, "apply"), what="no fit")
+    d.save_screenshot(str(screens / "3-plan-does-not-fit.png"))
+    click("apply")
+    wait(lambda: "does not fit" not in text("plan-out") and "fits" in text("plan-out"), what="applied")
+    batch = int(d.find_element(By.ID, "set-batch_size").get_attribute("value"))
+    accum = int(float(d.find_element(By.ID, "set-grad_accum").get_attribute("value")))
+    assert batch < 64 and batch * accum == 64  # the same samples per optimizer step
+    d.find_element(By.ID, "target-size").clear()
+    setting("grad_accum", "1")
     for key, value in {
         "max_steps": "300",
         "batch_size": "2",
@@ -365,10 +423,10 @@ def test_the_whole_flow_in_a_browser(server, workspace, browser, screens):
     nav("export")
     Select(d.find_element(By.ID, "gguf-type")).select_by_visible_text("f32")
     click("export-go")
-    wait(lambda: "model.gguf" in text("downloads") and "export done" in text("export-status"), 150, "GGUF")
+    wait(lambda: "model.gguf" in text("downloads") and "export done" in text("export-status"), 240, "GGUF")
     assert "parity" in text("export-log")
     d.save_screenshot(str(screens / "7-export.png"))
     link = d.find_element(By.PARTIAL_LINK_TEXT, "model.gguf").get_attribute("href")
-    status, data = request(link)
+    status, data = request(link, token=token)
     assert status == 200 and data[:4] == b"GGUF"
     assert (workspace / "runs" / "ui-run" / "export" / "Modelfile").is_file()

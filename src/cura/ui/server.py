@@ -181,8 +181,8 @@ def create_app(workspace: str | Path, *, token: str | None = None, max_upload_mb
 
     @app.get("/api/runs/{name}/events")
     def events(name: str, since: int = 0):
-        """Server-Sent Events: `update` (new metrics rows and the run's state) each second while the
-        training job runs, then `end`."""
+        """Server-Sent Events: `update` (new metrics rows and the run's state) each second while one of
+        the run's jobs (train, eval, merge, export) runs, then `end`."""
         ws.run_dir(name)
 
         def stream():
@@ -191,7 +191,7 @@ def create_app(workspace: str | Path, *, token: str | None = None, max_upload_mb
                 state = actions.run_state(ws, name, seen)
                 seen = state["total_rows"] if not state["restart"] else len(state["rows"])
                 yield sse("update", state)
-                running = bool(state["train"] and state["train"]["running"])
+                running = any(state[k] and state[k]["running"] for k in jobs.KINDS)
                 quiet = 0 if running else quiet + 1
                 time.sleep(1.0)
             yield sse("end", {})
