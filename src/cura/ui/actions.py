@@ -215,6 +215,8 @@ def plan_run(ws: Workspace, model: str | None, data: str | None, settings: dict,
     if target:
         budget = resolve_memory(target)
         budget_bytes, label, device, bf16 = budget.bytes, budget.label, budget.device or "cuda", budget.bf16
+        if budget.device is None:  # a bare size plans GPU memory, as `cura estimate --fit 12GB` does
+            label = f"{label} of GPU memory"
     else:
         budget_bytes, label, device = machine_budget()
         bf16 = None

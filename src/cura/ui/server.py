@@ -48,7 +48,7 @@ def create_app(workspace: str | Path, *, token: str | None = None, max_upload_mb
     """The FastAPI app for `workspace`; with `token`, every request must present it."""
     fastapi = require("fastapi", extra="ui", purpose=PURPOSE)
     responses = require("fastapi.responses", extra="ui", purpose=PURPOSE)
-    require("multipart", extra="ui", purpose=PURPOSE, distribution="python-multipart")
+    require("python_multipart", extra="ui", purpose=PURPOSE, distribution="python-multipart")
     ws = Workspace(workspace)
     limit = int(max_upload_mb * 2**20)
     app = fastapi.FastAPI(title="cura", docs_url=None, redoc_url=None, openapi_url=None)
