@@ -39,6 +39,7 @@ EDITABLE = {
     "seed": int,
 }
 HISTOGRAM_BINS = 12
+MAX_ROW_ERRORS = 1000  # bad rows listed on the Data screen (the CLI lists data.max_errors, 20)
 GGUF_TYPES = ("f16", "f32", "q8_0")  # cura.export.gguf.OUT_TYPES (checked equal in tests; torch-free here)
 
 
@@ -124,7 +125,7 @@ def inspect_data(ws: Workspace, data: str, model: str | None, max_length: int | 
     path = ws.path(data, must_exist=True)
     source = model_arg(ws, model)
     args = ["data", "inspect", str(path), "--model", source]
-    options = {"path": str(path), "packing": False}
+    options = {"path": str(path), "packing": False, "max_errors": MAX_ROW_ERRORS}
     if max_length:
         options["max_length"] = int(max_length)
         args += ["--max-length", str(max_length)]
@@ -134,8 +135,8 @@ def inspect_data(ws: Workspace, data: str, model: str | None, max_length: int | 
         tokenizer = tokenizer_for(source)
         train, _, report = build_datasets(config, tokenizer)
     except CuraError as exc:
-        out["summary"], out["errors"] = split_errors(str(exc))
-        out["errors"] = [e.replace(str(ws.root) + "/", "") for e in out["errors"]]
+        summary, errors = split_errors(str(exc).replace(str(ws.root) + "/", ""))
+        out.update(summary=summary, errors=errors)
         return out
     sample = train[0]
     out.update(
