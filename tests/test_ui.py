@@ -255,6 +255,13 @@ def test_token_is_required_when_not_on_localhost(server, token):
     assert request(server + "/api/state", headers={"X-Cura-Token": token})[0] == 200
 
 
+def test_demo_data_is_copied_into_the_workspace_and_checked(local_server, workspace):
+    status, body = request(f"{local_server}/api/data/demo", {"model": "models/tiny"})
+    assert status == 200 and body["ok"] and body["data"] == "data/orders_train.jsonl", body
+    assert body["rows"] == len(DEMO_TRAIN.read_text().splitlines())
+    assert (workspace / "data" / "orders_eval.jsonl").is_file()
+
+
 def test_histogram_and_gguf_types():
     from cura.export.gguf import OUT_TYPES
     from cura.ui.actions import GGUF_TYPES, histogram

@@ -161,6 +161,21 @@ def inspect_data(ws: Workspace, data: str, model: str | None, max_length: int | 
     return out
 
 
+def copy_demo_data(ws: Workspace) -> dict:
+    """The demo's data (free-text orders -> one JSON shape, `cura.demo`) copied into `data/` of the
+    workspace, so a first try needs no file of one's own; then checked as any data file is."""
+    from importlib import resources
+
+    from cura.atomic import write_bytes
+
+    for name in ("orders_train.jsonl", "orders_eval.jsonl"):
+        target = ws.path(f"data/{name}")
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes(target, (resources.files("cura.demo") / name).read_bytes())
+    return {"train": "data/orders_train.jsonl", "eval": "data/orders_eval.jsonl"}
+
+
 def settings_data(ws: Workspace, model: str | None, data: str | None, settings: dict) -> dict:
     """TrainConfig data (nested) from the page's choices; refuses keys outside `EDITABLE`."""
     from cura.config import set_path

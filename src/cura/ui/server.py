@@ -141,6 +141,13 @@ def create_app(workspace: str | Path, *, token: str | None = None, max_upload_mb
         write_bytes(target, b"".join(chunks))
         return actions.inspect_data(ws, ws.relative(target), model or None)
 
+    @app.post("/api/data/demo")
+    async def demo_data(request: fastapi.Request):
+        """Copy the demo's data into the workspace and check it (for a first try without a file)."""
+        data = await body(request)
+        files = actions.copy_demo_data(ws)
+        return actions.inspect_data(ws, files["train"], data.get("model"))
+
     @app.post("/api/plan")
     async def plan(request: fastapi.Request):
         data = await body(request)
