@@ -437,3 +437,15 @@ def test_the_whole_flow_in_a_browser(server, token, workspace, browser, screens)
     status, data = request(link, token=token)
     assert status == 200 and data[:4] == b"GGUF"
     assert (workspace / "runs" / "ui-run" / "export" / "Modelfile").is_file()
+
+    # an adapter in the workspace whose recorded base lies outside it is refused before anything loads
+    evil = workspace / "runs" / "evil" / "adapter"
+    shutil.copytree(workspace / "runs" / "ui-run" / "adapter", evil)
+    record = json.loads((evil / "cura_adapter.json").read_text())
+    record["base"]["source"] = str(workspace.parent)
+    (evil / "cura_adapter.json").write_text(json.dumps(record))
+    message = [{"role": "user", "content": "hi"}]
+    status, body = request(f"{server}/api/runs/evil/chat", {"messages": message}, token=token)
+    assert status == 400 and "outside the workspace" in body["error"], body
+    status, body = request(f"{server}/api/runs/evil/export", {"type": "f16"}, token=token)
+    assert status == 400 and "outside the workspace" in body["error"], body

@@ -353,9 +353,17 @@ def outputs(ws: Workspace, folder: Path) -> list[dict]:
 
 
 def adapter_dir(ws: Workspace, name: str) -> Path:
+    """The run's adapter folder, once its base (which chat, eval, merge and export load) is known to be
+    the bundled model or a model inside the workspace: the page never reads a model from elsewhere."""
     folder = ws.run_dir(name) / "adapter"
     if not (folder / "adapter_config.json").is_file():
         raise CuraError(f"run {name} has no adapter yet; let its training finish (or resume it) first")
+    from cura.adapters.base import read_base_record
+    from cura.models.sources import BUNDLED_NAME
+
+    base = read_base_record(folder).spec.source
+    if base != BUNDLED_NAME:
+        ws.path(base, must_exist=True)  # CuraError when the recorded base is outside the workspace
     return folder
 
 
