@@ -264,9 +264,11 @@ def test_demo_data_is_copied_into_the_workspace_and_checked(local_server, worksp
 
 def test_histogram_and_gguf_types():
     from cura.export.gguf import OUT_TYPES
+    from cura.models.sources import BUNDLED_NAME
+    from cura.ui import actions
     from cura.ui.actions import GGUF_TYPES, histogram
 
-    assert set(GGUF_TYPES) == set(OUT_TYPES)
+    assert set(GGUF_TYPES) == set(OUT_TYPES) and actions.BUNDLED_NAME == BUNDLED_NAME
     lengths = [3, 3, 4, 10, 25, 25, 26]
     bins = histogram(lengths, bins=4)
     assert sum(b["count"] for b in bins) == len(lengths)

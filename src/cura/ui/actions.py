@@ -40,13 +40,14 @@ EDITABLE = {
 }
 HISTOGRAM_BINS = 12
 MAX_ROW_ERRORS = 1000  # bad rows listed on the Data screen (the CLI lists data.max_errors, 20)
+BUNDLED_NAME = (
+    "smollm2-135m"  # cura.models.sources.BUNDLED_NAME (checked equal in tests; that module loads torch)
+)
 GGUF_TYPES = ("f16", "f32", "q8_0")  # cura.export.gguf.OUT_TYPES (checked equal in tests; torch-free here)
 
 
 def model_arg(ws: Workspace, model: str | None) -> str:
     """The model source for a command: the bundled name, or the absolute path of a workspace model."""
-    from cura.models.sources import BUNDLED_NAME
-
     if not model or model == BUNDLED_NAME:
         return BUNDLED_NAME
     return str(ws.path(model, must_exist=True))
@@ -61,7 +62,7 @@ def folder_bytes(path: Path) -> int:
 def model_info(ws: Workspace, model: str | None) -> dict:
     """Shape and size of a model source, read without loading weights."""
     from cura.memory import format_bytes, shape_from_source
-    from cura.models.sources import BUNDLED_NAME, bundled_model_path
+    from cura.models.sources import bundled_model_path
 
     source = model_arg(ws, model)
     shape = shape_from_source(source)
@@ -352,16 +353,22 @@ def outputs(ws: Workspace, folder: Path) -> list[dict]:
     return found
 
 
+def recorded_base(adapter: Path) -> str:
+    """The base source an adapter names: cura's record (`base.source` in cura_adapter.json), else PEFT's
+    `base_model_name_or_path`. Read as plain JSON (`cura.adapters.base.read_base_record` reads the same,
+    but imports torch, which the page's status polls must not wait for)."""
+    cura_record = read_json(adapter / "cura_adapter.json")
+    source = (cura_record.get("base") or {}).get("source")
+    return source or read_json(adapter / "adapter_config.json").get("base_model_name_or_path") or ""
+
+
 def adapter_dir(ws: Workspace, name: str) -> Path:
     """The run's adapter folder, once its base (which chat, eval, merge and export load) is known to be
     the bundled model or a model inside the workspace: the page never reads a model from elsewhere."""
     folder = ws.run_dir(name) / "adapter"
     if not (folder / "adapter_config.json").is_file():
         raise CuraError(f"run {name} has no adapter yet; let its training finish (or resume it) first")
-    from cura.adapters.base import read_base_record
-    from cura.models.sources import BUNDLED_NAME
-
-    base = read_base_record(folder).spec.source
+    base = recorded_base(folder)
     if base != BUNDLED_NAME:
         ws.path(base, must_exist=True)  # CuraError when the recorded base is outside the workspace
     return folder

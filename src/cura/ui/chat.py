@@ -31,7 +31,7 @@ def base_source(adapter: Path) -> str:
     """The base model the adapter records (its BaseSpec source)."""
     from cura.adapters.base import read_base_record
 
-    return read_base_record(adapter).spec.source
+    return read_base_record(adapter).spec.source or ""
 
 
 def stream(model, tokenizer, messages: list[dict], max_new_tokens: int) -> Iterator[str]:

@@ -32,6 +32,15 @@ def page() -> str:
     return (resources.files("cura.ui") / "static" / "index.html").read_text(encoding="utf-8")
 
 
+def warm_up() -> None:
+    """Import the model code (and torch) in the background while the first page loads, so the first
+    Data or Chat request does not wait for it; status requests never need it."""
+    import importlib
+    import threading
+
+    threading.Thread(target=importlib.import_module, args=("cura.models",), daemon=True).start()
+
+
 def token_of(request) -> str | None:
     """The token a request presents: the Authorization header, X-Cura-Token, ?token= or the cookie."""
     auth = request.headers.get("authorization", "")
@@ -51,6 +60,7 @@ def create_app(workspace: str | Path, *, token: str | None = None, max_upload_mb
     require("python_multipart", extra="ui", purpose=PURPOSE, distribution="python-multipart")
     ws = Workspace(workspace)
     limit = int(max_upload_mb * 2**20)
+    warm_up()
     app = fastapi.FastAPI(title="cura", docs_url=None, redoc_url=None, openapi_url=None)
     JSONResponse = responses.JSONResponse
 
@@ -94,11 +104,10 @@ def create_app(workspace: str | Path, *, token: str | None = None, max_upload_mb
     @app.get("/api/state")
     def state():
         from cura.memory import GPUS
-        from cura.models.sources import BUNDLED_NAME
 
         return {
             "workspace": str(ws.root),
-            "bundled": BUNDLED_NAME,
+            "bundled": actions.BUNDLED_NAME,
             "models": ws.model_candidates(),
             "data_files": ws.data_files(),
             "runs": [actions.run_state(ws, name, since=1 << 30) | {"rows": []} for name in ws.run_names()],
