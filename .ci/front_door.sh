@@ -12,9 +12,12 @@ case "$install" in *"[test]"*) echo "front door: README's first command installs
 venv="$work/.venv"
 eval "${install//.venv/$venv}"
 "$venv/bin/python" .ci/check_imports.py
-for command in train generate chat data estimate eval merge export; do
+for command in train generate chat data estimate eval merge export ui; do
     "$venv/bin/cura" "$command" --help > /dev/null
 done
+# without the ui extra, `cura ui` says in one sentence how to install it
+ui_out="$("$venv/bin/cura" ui --workspace "$work" 2>&1 || true)"
+case "$ui_out" in *"pip install 'cura[ui]'"*) ;; *) echo "front door: cura ui without its extra said: $ui_out" >&2; exit 1;; esac
 # a fresh cache: the demo converts the bundled GGUF as on a new machine (the path that needs accelerate)
 export CURA_CACHE="$work/cache"
 (cd "$work" && "$venv/bin/cura" train --max-steps 3 --demo-prompts 4 --progress false) | tee "$work/demo.txt"

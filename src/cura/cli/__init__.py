@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "eval": "evaluate a model (and adapter): loss, ROUGE, BLEU, chrF, exact match",
     "merge": "merge an adapter into its base model (transformers safetensors)",
     "export": "export a model (optionally with an adapter merged) to another format",
+    "ui": "fine-tune from a local web page: data check, memory plan, live training, chat, export",
 }
 
 

@@ -52,25 +52,31 @@ def load_tokenizer(source: str | None):
     return load(source or BUNDLED_NAME)
 
 
-def highlight(tokenizer, input_ids: list[int], labels: list[int], color: bool) -> str:
-    """The decoded sample with each run of trained tokens marked."""
-    out, run, trained = [], [], False
-
-    def flush():
-        text = tokenizer.decode(run)
-        if trained:
-            text = f"{GREEN}{text}{RESET}" if color else f"[[{text}]]"
-        out.append(text)
-
+def trained_runs(tokenizer, input_ids: list[int], labels: list[int]) -> list[tuple[str, bool]]:
+    """The decoded sample as (text, trained) runs: consecutive tokens that are all trained or all not."""
+    runs: list[tuple[str, bool]] = []
+    run: list[int] = []
+    trained = False
     for token, label in zip(input_ids, labels):
         if (label != IGNORE_INDEX) != trained and run:
-            flush()
+            runs.append((tokenizer.decode(run), trained))
             run = []
         trained = label != IGNORE_INDEX
         run.append(token)
     if run:
-        flush()
-    return "".join(out)
+        runs.append((tokenizer.decode(run), trained))
+    return runs
+
+
+def highlight(tokenizer, input_ids: list[int], labels: list[int], color: bool) -> str:
+    """The decoded sample with each run of trained tokens marked."""
+
+    def mark(text: str) -> str:
+        return (f"{GREEN}{text}{RESET}" if color else f"[[{text}]]") if text else text
+
+    return "".join(
+        mark(text) if trained else text for text, trained in trained_runs(tokenizer, input_ids, labels)
+    )
 
 
 def inspect_command(args: argparse.Namespace) -> int:
