@@ -191,7 +191,13 @@ def is_inside(path: str | Path, folder: str | Path) -> bool:
 
 
 def check_replaceable(
-    target: str | Path, *, marker: str, what: str, overwrite: bool, flag: str = "--output"
+    target: str | Path,
+    *,
+    marker: str,
+    what: str,
+    overwrite: bool,
+    flag: str = "--output",
+    example: str = "./out",
 ) -> None:
     """Refuse (CuraError) to write `what` to `target` where that would destroy something not ours.
 
@@ -206,7 +212,7 @@ def check_replaceable(
     if is_inside(Path.cwd(), target):
         raise CuraError(
             f"{flag} {target} is the current folder (or holds it); {what} replaces its whole folder, so name "
-            f"a new one such as {flag} ./{Path(what).name.replace(' ', '-')}"
+            f"a new one such as {flag} {example}"
         )
     if not target.is_dir() or not any(target.iterdir()):
         return
@@ -217,9 +223,26 @@ def check_replaceable(
         )
     if not overwrite:
         raise CuraError(
-            f"{flag} {target} already holds {what} from an earlier run; pass --overwrite to replace it, or "
-            "pick a new folder"
+            f"{flag} {target} already holds {what} that cura wrote earlier; pass --overwrite to replace it, "
+            "or pick a new folder"
         )
+    listed = _marker_files(target / marker)
+    if listed is not None:
+        foreign = sorted(p.name for p in target.iterdir() if p.name not in listed and p.name != marker)
+        if foreign:
+            raise CuraError(
+                f"{flag} {target} holds files cura did not write there ({', '.join(foreign[:3])}); move them "
+                f"out before --overwrite replaces the folder, or pick a new folder"
+            )
+
+
+def _marker_files(marker: Path) -> set[str] | None:
+    """The file names a marker (a JSON record with a "files" list) says its writer wrote, if it says."""
+    try:
+        files = json.loads(marker.read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return set(files) if isinstance(files, list) else None
 
 
 @contextmanager
