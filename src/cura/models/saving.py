@@ -89,9 +89,7 @@ def save_quantized(model, tokenizer, folder: str | Path, *, overwrite: bool = Fa
     config.quantization_config = bnb_quantization_config(model, state, compute_dtype)
 
     folder = Path(folder).absolute()
-    check_replaceable(
-        folder, marker=QUANT_RECORD, what="the 4-bit model", overwrite=overwrite, flag="folder"
-    )
+    check_replaceable(folder, marker=QUANT_RECORD, what="the 4-bit model", overwrite=overwrite, flag="folder")
     with atomic_folder(folder) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config.save_pretrained(str(tmp))

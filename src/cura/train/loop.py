@@ -302,7 +302,7 @@ def finish(run: Run, state: TrainerState, session: Session, say: Say) -> TrainRe
     with atomic_folder(adapter_dir) as tmp:  # a crash leaves the previous adapter, never half of one
         save_run_adapter(run, tmp)
     eval_after = evaluate_after(run, session)
-    if session.signals:
+    if session.signals is not None:
         session.signals.phase = "save"
     rows = session.metrics.read()
     summary = run_summary(run, state, session, rows, eval_after)
@@ -321,11 +321,11 @@ def finish(run: Run, state: TrainerState, session: Session, say: Say) -> TrainRe
 
 def evaluate_after(run: Run, session: Session) -> float | None:
     """The held-out loss after training, skipped when stopped by a signal (before or during it)."""
-    if session.signals and session.signals.requested:
+    if session.signals is not None and session.signals.requested:
         session.interrupted = session.interrupted or session.signals.requested
     if session.interrupted:
         return None
-    if session.signals:
+    if session.signals is not None:
         session.signals.phase = "eval"
     try:
         return evaluate_loss(run.model, run.eval_batches, run.device, run.config.loss_chunk_tokens)
