@@ -163,21 +163,21 @@ def test_resume_refuses_each_kind_of_change_and_allow_change_takes_effect(tiny_s
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tiny_source, tiny_data, tmp_path):
     reference = tmp_path / "reference"
-    train(make_config(tiny_source, tiny_data, reference, max_steps=6))
+    train(make_config(tiny_source, tiny_data, reference, max_steps=4))
     out = tmp_path / "run"
-    hooks = TrainHooks(on_step_end=lambda s, _: s == 5 and os.kill(os.getpid(), signal.SIGTERM))
-    train(make_config(tiny_source, tiny_data, out, max_steps=6, keep_checkpoints=3), hooks=hooks)
-    assert latest_checkpoint(out / "checkpoints").name == "step-000005"
-    adapter = out / "checkpoints" / "step-000005" / "adapter_model.safetensors"
+    hooks = TrainHooks(on_step_end=lambda s, _: s == 3 and os.kill(os.getpid(), signal.SIGTERM))
+    train(make_config(tiny_source, tiny_data, out, max_steps=4, keep_checkpoints=3), hooks=hooks)
+    assert latest_checkpoint(out / "checkpoints").name == "step-000003"
+    adapter = out / "checkpoints" / "step-000003" / "adapter_model.safetensors"
     adapter.write_bytes(os.urandom(64))  # random bytes where the weights were
     said = []
     resumed = train(
-        make_config(tiny_source, tiny_data, out, max_steps=6, keep_checkpoints=3, resume=True),
+        make_config(tiny_source, tiny_data, out, max_steps=4, keep_checkpoints=3, resume=True),
         say=said.append,
     )
-    assert any("step-000005 is damaged" in s and "falling back" in s for s in said)
-    assert any("resuming from" in s and "step-000004" in s for s in said)
-    assert resumed["completed"] and losses(out) == losses(reference)  # bitwise: steps 5-6 redone
+    assert any("step-000003 is damaged" in s and "falling back" in s for s in said)
+    assert any("resuming from" in s and "step-000002" in s for s in said)
+    assert resumed["completed"] and losses(out) == losses(reference)  # bitwise: steps 3-4 redone
 
 
 def test_learning_rate_bounds_are_checked():
@@ -185,6 +185,18 @@ def test_learning_rate_bounds_are_checked():
         with pytest.raises(CuraError, match="config key 'lr' must be a learning rate above 0 and at most 1"):
             TrainConfig(lr=lr)
     assert TrainConfig(lr=1.0).lr == 1.0
+
+
+def test_weight_guard_and_stall_detection():
+    from cura.train.guard import HUGE, stalled, weights_problem
+
+    good = [torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.zeros(0))]
+    assert weights_problem(good) is None
+    assert weights_problem([torch.tensor([1.0, float("nan")])]) == "non-finite (inf or NaN) LoRA weights"
+    assert weights_problem([torch.tensor([1.0, -float("inf")])]) == "non-finite (inf or NaN) LoRA weights"
+    assert weights_problem([torch.tensor([1.0, -HUGE * 10])]) == "LoRA weights as large as 1e+09"
+    assert stalled([2.5] * 5) and not stalled([2.5] * 4)  # too few steps to say
+    assert not stalled([2.5, 2.5, 2.5, 2.5, 2.49]) and not stalled([2.5] * 4 + [float("nan")])
 
 
 def test_a_poisoning_update_is_never_saved_and_the_advice_works(tiny_source, tiny_data, tmp_path):
