@@ -121,10 +121,14 @@ def test_resume_refuses_each_kind_of_change_and_allow_change_takes_effect(tiny_s
         with pytest.raises(CuraError, match=listed) as info:
             train(make_config(model, data, out, resume=True, **{**base, **change}))
         assert (advice in str(info.value)) if advice else "--allow-change" not in str(info.value)
-    with pytest.raises(CuraError, match="lora.alpha: 8.0 -> 16.0"):
+    for section, key, value, listed in (
+        ("lora", "alpha", 16.0, "lora.alpha: 8.0 -> 16.0"),
+        ("data", "max_length", 96, "data.max_length: 128 -> 96"),
+    ):
         config = make_config(model, data, out, resume=True, **base)
-        config.lora.alpha = 16.0
-        train(config)
+        setattr(getattr(config, section), key, value)
+        with pytest.raises(CuraError, match=listed):
+            train(config)
     rows_text = (data / "train.jsonl").read_text()
     (data / "train.jsonl").write_text("".join(reversed(rows_text.splitlines(keepends=True))))
     with pytest.raises(CuraError, match="data.path: the saved file contents -> other contents"):

@@ -14,6 +14,8 @@ The lock is `cura.lock` in the run folder: the owner holds an exclusive `flock` 
 and writes its PID and host into it. flock is released by the kernel when the owner dies (kill -9
 included), so a lock file that can be locked again is stale: it is taken over with a note naming the
 dead owner. A second run or `--resume` on a folder whose lock is held is refused, naming the owner.
+In a distributed run (torchrun sets RANK) only rank 0 owns the folder: the other ranks neither check nor
+lock it.
 """
 
 from __future__ import annotations
@@ -192,6 +194,9 @@ def claim_run_folder(config, say: Say) -> Iterator[Path]:
     """Lock the run folder for the block and check what may be done to it; a folder this call created is
     removed again if the run leaves nothing in it (a run refused by its data writes nothing)."""
     out = Path(config.output_dir)
+    if os.environ.get("RANK", "0") != "0":  # rank 0 owns the folder of a distributed run
+        yield out
+        return
     if out.exists() and not out.is_dir():
         raise CuraError(f"--output {out} is a file; give a folder for the run")
     check_not_data(out, config)
