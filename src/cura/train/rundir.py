@@ -42,6 +42,7 @@ RUN_FILES = (
     "summary.json",
     "loss.png",
     "config.json",
+    "demo.md",
     RUN_RECORD,
 )
 """What a run writes into its folder: `--overwrite` deletes exactly these (and `cura`'s temporaries)."""
