@@ -118,7 +118,28 @@ def test_no_overwrite_refuses_and_cleans_up(tmp_path):
     assert (folder / "a").read_text() == "1" and _entries(tmp_path) == ["out"]
 
 
+def test_replace_folder_swaps_in_one_rename(tmp_path):
+    """Where the kernel can exchange two names (Linux renameat2), a re-save is one step: no moment without
+    a complete folder, no graveyard."""
+    import cura.atomic as atomic
+
+    folder, new = tmp_path / "ckpt", tmp_path / "new"
+    for path, text in ((folder, "old"), (new, "new")):
+        path.mkdir()
+        (path / "a").write_text(text)
+    if not atomic._exchange(new, folder):
+        pytest.skip("this file system or kernel cannot exchange names (renameat2 RENAME_EXCHANGE)")
+    assert (folder / "a").read_text() == "new" and (new / "a").read_text() == "old"  # swapped
+    (new / "a").write_text("newer")
+    replace_folder(new, folder)
+    assert (folder / "a").read_text() == "newer" and _entries(tmp_path) == ["ckpt"]
+
+
 def test_replace_folder_puts_the_old_one_back_when_the_swap_fails(tmp_path, monkeypatch):
+    """The two-rename fallback (no renameat2): a failed second rename puts the old folder back."""
+    import cura.atomic as atomic
+
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
     folder, new = tmp_path / "ckpt", tmp_path / "new"
     folder.mkdir()
     (folder / "a").write_text("old")
@@ -135,5 +156,6 @@ def test_replace_folder_puts_the_old_one_back_when_the_swap_fails(tmp_path, monk
     with pytest.raises(OSError, match="no space"):
         replace_folder(new, folder)
     monkeypatch.undo()
+
     assert (folder / "a").read_text() == "old"
     assert _entries(tmp_path) == ["ckpt", "new"]  # no graveyard left

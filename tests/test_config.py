@@ -74,7 +74,7 @@ def test_train_config_validation():
 
     with pytest.raises(CuraError, match="'batch_size' must be at least 1"):
         TrainConfig(batch_size=0)
-    with pytest.raises(CuraError, match="'lr' must be a positive"):
+    with pytest.raises(CuraError, match="'lr' must be a learning rate above 0"):
         TrainConfig(lr=0)
     with pytest.raises(CuraError, match="blocksize"):
         TrainConfig(blocksize=48)

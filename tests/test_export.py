@@ -218,14 +218,55 @@ def test_merge_never_replaces_a_folder_it_did_not_write(llama_run, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(CuraError, match="not a cura merge output"):
-        merge(base, adapter, out, log=lambda *_: None)
+    for flags in ({}, {"overwrite": True}, {"quantize_4bit": True, "overwrite": True}):
+        with pytest.raises(CuraError, match="cura did not write there .no cura_merge.json."):
+            merge(base, adapter, out, log=lambda *_: None, **flags)
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "mine"
     (out / "notes.txt").unlink()  # an empty folder is fine, and a cura merge output may be replaced
     merge(base, adapter, out, log=lambda *_: None)
-    merge(base, adapter, out, dtype="bfloat16", log=lambda *_: None)
+    with pytest.raises(CuraError, match="pass --overwrite to replace it"):
+        merge(base, adapter, out, dtype="bfloat16", log=lambda *_: None)
+    merge(base, adapter, out, dtype="bfloat16", overwrite=True, log=lambda *_: None)
     assert json.loads((out / "cura_merge.json").read_text())["dtype"] == "bfloat16"
+    (out / "mine.txt").write_text("added by the user")  # a user's file in a merge output is never deleted
+    with pytest.raises(CuraError, match="holds files cura did not write there .mine.txt."):
+        merge(base, adapter, out, overwrite=True, log=lambda *_: None)
+    assert (out / "mine.txt").read_text() == "added by the user"
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary folder left
+
+
+def test_merge_into_the_current_folder_or_a_file_is_one_sentence(llama_run, tmp_path, monkeypatch):
+    base, adapter, _ = llama_run
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for output in (".", str(tmp_path)):
+        with pytest.raises(CuraError, match="is the current folder .or holds it.; .* --output ./merged"):
+            merge(base, adapter, output, log=lambda *_: None)
+    (tmp_path / "file.bin").write_bytes(b"user data")
+    with pytest.raises(CuraError, match="is a file"):
+        merge(base, adapter, tmp_path / "file.bin", log=lambda *_: None)
+    assert (tmp_path / "file.bin").read_bytes() == b"user data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin", "here"] and not any(here.iterdir())
+
+
+def test_export_never_replaces_a_file_it_did_not_write(tmp_path, chat_tokenizer):
+    save_base(tmp_path / "base", "llama", chat_tokenizer)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "Modelfile").write_text("FROM mine\n")
+    (out / "model.gguf").write_bytes(b"user bytes")
+    quiet = dict(check=False, log=lambda *_: None)
+    for name in ("model.gguf", "other.gguf"):  # the .gguf, or the Modelfile beside it
+        with pytest.raises(CuraError, match="was not written by cura export"):
+            export_gguf(tmp_path / "base", out / name, overwrite=True, **quiet)
+    assert (out / "model.gguf").read_bytes() == b"user bytes"
+    assert (out / "Modelfile").read_text() == "FROM mine\n"
+    export_gguf(tmp_path / "base", tmp_path / "new" / "tiny.gguf", **quiet)
+    with pytest.raises(CuraError, match="pass --overwrite to replace it"):
+        export_gguf(tmp_path / "base", tmp_path / "new" / "tiny.gguf", **quiet)
+    export_gguf(tmp_path / "base", tmp_path / "new" / "tiny.gguf", overwrite=True, **quiet)
 
 
 @pytest.mark.parametrize("out_type", ["f32", "f16", "q8_0"])
@@ -389,6 +430,8 @@ def test_gguf_check_reads_the_file_it_wrote_whatever_its_name(tmp_path, monkeypa
     save_base(tmp_path / "base", "llama", chat_tokenizer, seed=0)
     diffs = {}
     for name in ("smol.gguf", "model.gguf"):
-        report = export_gguf(tmp_path / "base", tmp_path / "out" / name, out_type="f32", log=lambda *_: None)
+        report = export_gguf(  # the second replaces the Modelfile of the first
+            tmp_path / "base", tmp_path / "out" / name, out_type="f32", overwrite=True, log=lambda *_: None
+        )
         diffs[name] = report.max_abs_logit_diff
     assert diffs["model.gguf"] == diffs["smol.gguf"] <= 1e-5

@@ -219,11 +219,15 @@ def test_resume_refuses_a_checkpoint_of_another_base(tiny_source, tiny_data, tmp
     train(make_config(tiny_source, tiny_data, out, max_steps=2))
     before = (out / "metrics.jsonl").read_text()
     for change in ({"blocksize": 128}, {"quant_type": "fp4"}, {"double_quant": False}):
-        config = make_config(tiny_source, tiny_data, out, max_steps=4, resume=True, **change)
+        config = make_config(
+            tiny_source, tiny_data, out, max_steps=4, resume=True, allow_change="max_steps", **change
+        )
         with pytest.raises(CuraError, match="not on the .* this run's config describes; resume with"):
             train(config)
     assert (out / "metrics.jsonl").read_text() == before  # nothing of the run was touched
-    resumed = train(make_config(tiny_source, tiny_data, out, max_steps=4, resume=True))
+    resumed = train(
+        make_config(tiny_source, tiny_data, out, max_steps=4, resume=True, allow_change="max_steps")
+    )
     assert resumed["completed"] and resumed["steps"] == 4
 
 
@@ -279,8 +283,10 @@ def test_existing_output_is_never_overwritten(tiny_source, tiny_data, tmp_path):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    with pytest.raises(CuraError, match="already holds a run"):
-        train(make_config(tiny_source, tiny_data, out))
+    for flags in ({}, {"overwrite": True}, {"resume": True}):
+        with pytest.raises(CuraError, match="holds files that are not a cura run .precious.txt."):
+            train(make_config(tiny_source, tiny_data, out, **flags))
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
     assert (out / "precious.txt").read_text() == "keep me"
 
 
@@ -354,7 +360,7 @@ def test_cli_sigterm_saves_and_resume_finishes(tiny_source, tiny_data, tmp_path)
     assert ckpt is not None
     done = int(ckpt.name.split("-")[1])
     assert 2 <= done < 400
-    proc = _cura(*args, "--max-steps", str(done + 2), "--resume")
+    proc = _cura(*args, "--max-steps", str(done + 2), "--resume", "--allow-change", "max_steps")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert [s for s, _ in losses(out)] == list(range(1, done + 3))

@@ -12,24 +12,50 @@ that starts with "." and the destination's name. On any exception the temporary 
 destination is untouched. No fixed names (`.adapter.tmp`, `.adapter.old`) are ever used, so what a crash
 left behind cannot make a later save fail.
 
-A folder that already exists is swapped out by two renames: the old folder into a fresh `mkdtemp`
-sibling, the new one into place; the destination is missing only between those two renames (and put back
-if the second fails). The old folder is then deleted. Files are flushed to disk (`fsync`) before their
-rename. Temporaries get the permissions an ordinary new file or folder would (mode less the umask).
+A folder that already exists is swapped with the new one in one step where the kernel can
+(`renameat2(RENAME_EXCHANGE)` on Linux): at every instant the destination is the whole old folder or the
+whole new one, so a kill -9 during a re-save never loses the only copy. Elsewhere it falls back to two
+renames (old folder into a fresh `mkdtemp` sibling, new one into place; put back if the second fails). The
+old folder is deleted only after the new one is in place.
+
+Durability (power loss): every file of a new folder, the folder itself and, after the rename, its parent
+are flushed to disk (`fsync`), so a folder that is visible under its final name is complete on disk too.
+Temporaries get the permissions an ordinary new file or folder would (mode less the umask).
+
+Targets the user owns: `check_replaceable` refuses a non-empty folder (or a file) that the writer did not
+write itself (it has no marker file of the writer's), and one that it did unless the caller was told to
+overwrite it; `is_inside` says whether a path is a folder or lies under one (for `--output .` and
+output folders inside an input).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_file", "atomic_folder", "replace_folder", "write_bytes", "write_json", "write_text"]
+__all__ = [
+    "atomic_file",
+    "atomic_folder",
+    "check_replaceable",
+    "fsync_dir",
+    "fsync_tree",
+    "is_inside",
+    "replace_folder",
+    "write_bytes",
+    "write_json",
+    "write_text",
+]
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
 
 
 def _umask() -> int:
@@ -64,6 +90,7 @@ def atomic_file(path: str | Path, *, mode: int = 0o666) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
@@ -87,11 +114,61 @@ def write_json(path: str | Path, data: Any, *, indent: int | None = 2) -> Path:
     return write_text(path, json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
 
 
+def fsync_dir(folder: str | Path) -> None:
+    """Flush a folder's entries (names created or renamed in it) to disk; a no-op where folders cannot be
+    opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a folder; the files themselves were flushed
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | Path) -> None:
+    """Flush every file under `folder`, then every folder (deepest first), so the tree survives power loss."""
+    folders = []
+    for root, _, files in os.walk(folder):
+        folders.append(root)
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+    for root in reversed(folders):
+        fsync_dir(root)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the names `a` and `b` in one atomic step (Linux renameat2); False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc before 2.28, musl
+        return False
+    at_fdcwd = -100
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False  # the file system cannot exchange: fall back to two renames
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def replace_folder(new: str | Path, folder: str | Path) -> Path:
     """Move the folder `new` to `folder`, replacing what is there (see the module docstring); returns it."""
     new, folder = Path(new), Path(folder)
     if not folder.exists():
         os.replace(new, folder)
+        fsync_dir(folder.parent)
+        return folder
+    if folder.is_dir() and _exchange(new, folder):  # `new` now names the old folder
+        fsync_dir(folder.parent)
+        shutil.rmtree(new, ignore_errors=True)
         return folder
     graveyard = Path(tempfile.mkdtemp(prefix=_prefix(folder) + "old.", dir=folder.parent))
     old = graveyard / folder.name
@@ -102,15 +179,78 @@ def replace_folder(new: str | Path, folder: str | Path) -> Path:
         os.replace(old, folder)  # put the old folder back
         shutil.rmtree(graveyard, ignore_errors=True)
         raise
+    fsync_dir(folder.parent)
     shutil.rmtree(graveyard, ignore_errors=True)
     return folder
 
 
+def is_inside(path: str | Path, folder: str | Path) -> bool:
+    """Whether `path` is `folder` or lies somewhere under it (both resolved, links followed)."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
+def check_replaceable(
+    target: str | Path,
+    *,
+    marker: str,
+    what: str,
+    overwrite: bool,
+    flag: str = "--output",
+    example: str = "./out",
+) -> None:
+    """Refuse (CuraError) to write `what` to `target` where that would destroy something not ours.
+
+    Allowed: a missing or empty folder; a folder holding `marker` (written by this kind of writer) when
+    `overwrite` is set. Refused, in one sentence: a file, the current folder or one above it, a non-empty
+    folder without `marker`, and one with `marker` without `overwrite`."""
+    from cura.errors import CuraError
+
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise CuraError(f"{flag} {target} is a file; give a folder to write {what} to")
+    if is_inside(Path.cwd(), target):
+        raise CuraError(
+            f"{flag} {target} is the current folder (or holds it); {what} replaces its whole folder, so name "
+            f"a new one such as {flag} {example}"
+        )
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    if not (target / marker).is_file():
+        raise CuraError(
+            f"{flag} {target} already holds files that cura did not write there (no {marker}); pick a new "
+            f"folder or empty this one, since writing {what} replaces the whole folder"
+        )
+    if not overwrite:
+        raise CuraError(
+            f"{flag} {target} already holds {what} that cura wrote earlier; pass --overwrite to replace it, "
+            "or pick a new folder"
+        )
+    listed = _marker_files(target / marker)
+    if listed is not None:
+        foreign = sorted(p.name for p in target.iterdir() if p.name not in listed and p.name != marker)
+        if foreign:
+            raise CuraError(
+                f"{flag} {target} holds files cura did not write there ({', '.join(foreign[:3])}); move them "
+                f"out before --overwrite replaces the folder, or pick a new folder"
+            )
+
+
+def _marker_files(marker: Path) -> set[str] | None:
+    """The file names a marker (a JSON record with a "files" list) says its writer wrote, if it says."""
+    try:
+        files = json.loads(marker.read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return set(files) if isinstance(files, list) else None
+
+
 @contextmanager
 def atomic_folder(folder: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `folder`; when the block ends without an exception it
-    replaces `folder` (or, with ``overwrite=False``, takes its place only if there is none:
-    `FileExistsError` otherwise). On an exception the temporary is removed and `folder` is untouched."""
+    """Yield an empty temporary folder beside `folder`; when the block ends without an exception its files
+    are flushed to disk and it replaces `folder` (or, with ``overwrite=False``, takes its place only if there
+    is none: `FileExistsError` otherwise). On an exception the temporary is removed and `folder` is
+    untouched."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=_prefix(folder), dir=folder.parent))
@@ -119,6 +259,7 @@ def atomic_folder(folder: str | Path, *, overwrite: bool = True) -> Iterator[Pat
         yield tmp
         if not overwrite and folder.exists():
             raise FileExistsError(f"{folder} already exists")
+        fsync_tree(tmp)
         replace_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -15,6 +15,11 @@ def register(sub) -> None:
     g.add_argument("--adapter", default=None, help="an adapter folder to merge in first")
     g.add_argument("--output", required=True, help="the .gguf file to write")
     g.add_argument("--type", dest="out_type", choices=OUT_TYPES, default="f16", help="tensor type")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier export at --output (never a file cura did not write)",
+    )
     add_check_arguments(g, "skip reading the file back with transformers", TOLERANCES, "type")
     g.set_defaults(func=run_gguf)
 
@@ -30,5 +35,6 @@ def run_gguf(args) -> int:
         out_type=args.out_type,
         check=not args.no_check,
         tolerance=args.tolerance,
+        overwrite=args.overwrite,
     )
     return 0

@@ -18,6 +18,11 @@ def register(sub) -> None:
         action="store_true",
         help="re-quantize the merged model (bitsandbytes 4-bit layout)",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier merge in --output (never a folder cura did not write)",
+    )
     add_check_arguments(p, "skip the logits parity check", TOLERANCES, "dtype")
     p.set_defaults(func=run)
 
@@ -33,5 +38,6 @@ def run(args) -> int:
         check=not args.no_check,
         tolerance=args.tolerance,
         quantize_4bit=args.quantize_4bit,
+        overwrite=args.overwrite,
     )
     return 0

@@ -34,6 +34,9 @@ from cura.atomic import atomic_file, write_text
 from cura.errors import CuraError
 
 OUT_TYPES = ("f32", "f16", "q8_0")
+CURA_KEY = "cura.exported_by"
+"""A GGUF metadata key cura writes into every file it exports: such a file may be replaced with --overwrite."""
+MODELFILE_MARK = "# written by cura export"
 
 # HF model_type -> (GGUF architecture, permute q/k rows for GGML rope)
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
@@ -288,6 +291,7 @@ def write_gguf(
         writer = gguf.GGUFWriter(str(tmp), arch)
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(gguf_name(model.config, arch))
+        writer.add_string(CURA_KEY, "cura")
         writer.add_file_type(int(getattr(gguf.LlamaFileType, FILE_TYPES[out_type])))
         write_hparams(writer, model.config)
         write_tokenizer(writer, tokenizer, int(model.config.vocab_size), chat_template, eot)
@@ -331,6 +335,7 @@ def export_gguf(
     out_type: str = "f16",
     check: bool = True,
     tolerance: float | None = None,
+    overwrite: bool = False,
     log=print,
 ) -> ExportReport:
     """Export `model_source` (HF folder | .gguf | bnb folder | "smollm2-135m"), with `adapter` merged in when
@@ -345,6 +350,7 @@ def export_gguf(
         raise CuraError(f"--output {output} must end in .gguf; for example {output.with_suffix('.gguf')}")
     if out_type not in OUT_TYPES:
         raise CuraError(f"--type must be one of {', '.join(OUT_TYPES)}, got '{out_type}'")
+    check_export_targets(output, overwrite)
     warnings: list[str] = []
     if adapter is not None:  # merged in memory in float32, so the GGUF's only rounding is its own type
         from cura.export.merge import merge_in_memory
@@ -362,13 +368,48 @@ def export_gguf(
         warnings.append(warning)
         log(f"warning: {warning}")
     modelfile = output.with_name("Modelfile")
-    write_text(modelfile, text)
+    write_text(modelfile, f"{text}{MODELFILE_MARK} for {output.name}\n")
     arch, _ = gguf_architecture(model.config)
     result = ExportReport(output, modelfile, out_type, arch, count, output.stat().st_size, warnings=warnings)
     log(f"wrote {output} ({out_type}, {count} tensors, {result.bytes / 2**20:.1f} MiB) and {modelfile}")
     if check:
         verify_export(result, model, tokenizer, tolerance, log)
     return result
+
+
+def _written_by_cura(path: Path) -> bool:
+    """Whether `path` is a file cura exported: a GGUF with `CURA_KEY`, or a Modelfile with cura's mark."""
+    if path.name == "Modelfile":
+        try:
+            return MODELFILE_MARK in path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return False
+    import gguf
+
+    try:
+        return CURA_KEY in gguf.GGUFReader(str(path)).fields
+    except Exception:  # not a GGUF at all (or a damaged one): not ours
+        return False
+
+
+def check_export_targets(output: Path, overwrite: bool) -> None:
+    """Refuse, before anything is loaded, to replace a .gguf or Modelfile that cura did not write, and one
+    it did without `overwrite`."""
+    for path in (output, output.with_name("Modelfile")):
+        if not path.exists():
+            continue
+        if path.is_dir():
+            raise CuraError(f"{path} is a folder; give --output a .gguf file name in another place")
+        if not _written_by_cura(path):
+            raise CuraError(
+                f"{path} exists and was not written by cura export; cura never replaces it: choose an --output "
+                "in another folder or move the file"
+            )
+        if not overwrite:
+            raise CuraError(
+                f"{path} exists (an earlier cura export); pass --overwrite to replace it, or choose another "
+                "--output"
+            )
 
 
 def _load_full(model_source):

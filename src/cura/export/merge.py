@@ -8,7 +8,8 @@
                                                               ▼
                  output/  model.safetensors (dtype), config.json, generation_config.json, tokenizer files with
                           the adapter's chat template, cura_merge.json (written to a temp folder, renamed
-                          into place; an existing --output is replaced only when it is a cura merge output)
+                          into place; an existing --output is replaced only when it is a cura merge output
+                          holding nothing else, and only with --overwrite)
                                                               ▼
                  parity: logits of output/ loaded with plain transformers vs the reference, on a few samples
 
@@ -38,7 +39,7 @@ from typing import Any
 import torch
 
 from cura.adapters import lora_layers
-from cura.atomic import atomic_folder, write_json
+from cura.atomic import atomic_folder, check_replaceable, write_json
 from cura.constants import COMPUTE_DTYPES, DEFAULT_LOSS_CHUNK_TOKENS
 from cura.errors import CuraError
 from cura.models.base import BaseSpec
@@ -183,6 +184,7 @@ def merge(
     check: bool = True,
     tolerance: float | None = None,
     quantize_4bit: bool = False,
+    overwrite: bool = False,
     log=print,
 ) -> MergeReport:
     """Merge the adapter in `adapter_dir` into its base and save the result to `output_dir`.
@@ -193,13 +195,15 @@ def merge(
     (float32 | bfloat16 | float16), config, generation config and the tokenizer with the adapter's chat
     template. With `check`, the saved folder is loaded back with plain transformers and its logits compared
     with the adapter on its base: CuraError above `tolerance` (default `TOLERANCES[dtype]`).
-    `quantize_4bit` re-quantizes the merged model to the bitsandbytes 4-bit layout (`save_quantized`)."""
+    `quantize_4bit` re-quantizes the merged model to the bitsandbytes 4-bit layout (`save_quantized`).
+    A non-empty `output_dir` is refused unless it is an earlier merge (its cura_merge.json lists every file
+    in it) and `overwrite` is set."""
     from cura.models import load_model, save_quantized
 
     if dtype not in DTYPES:
         raise CuraError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
-    output_dir = Path(output_dir)
-    check_output(output_dir)
+    output_dir = Path(output_dir).absolute()  # `--output .` has a name and a parent (then is refused)
+    check_output(output_dir, overwrite)
     merged = merge_in_memory(model_source, adapter_dir, reference=check, log=log)
     report = MergeReport(output_dir, dtype, merged.merged_modules, quantize_4bit, warnings=merged.warnings)
     report.perplexity_adapter = merged.reference_perplexity
@@ -222,7 +226,8 @@ def merge(
                 folder, quant_type=s.quant_type, blocksize=s.blocksize, double_quant=s.double_quant
             )
             requant.tokenizer.chat_template = merged.tokenizer.chat_template
-            save_quantized(requant.model, requant.tokenizer, out)
+            save_quantized(requant.model, requant.tokenizer, out, overwrite=True)
+        record["files"] = sorted(p.name for p in out.iterdir())
         write_json(out / MERGE_RECORD, record)
     log(
         f"merged {report.merged_modules} adapted layers into {output_dir} "
@@ -231,15 +236,12 @@ def merge(
     return report
 
 
-def check_output(folder: Path) -> None:
-    """Refuse an --output that holds anything but a previous cura merge (it is replaced whole)."""
-    if folder.exists() and not folder.is_dir():
-        raise CuraError(f"--output {folder} is a file; give a folder to write the merged model to")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / MERGE_RECORD).is_file():
-        raise CuraError(
-            f"--output {folder} already holds files that are not a cura merge output (no {MERGE_RECORD}); "
-            "pick a new folder or empty this one, since merging replaces the whole folder"
-        )
+def check_output(folder: Path, overwrite: bool = False) -> None:
+    """Refuse an --output that holds anything but a previous cura merge, and that one without `overwrite`
+    (it is replaced whole), before anything is loaded (`cura.atomic.check_replaceable`)."""
+    check_replaceable(
+        folder, marker=MERGE_RECORD, what="the merged model", overwrite=overwrite, example="./merged"
+    )
 
 
 def check_merged(folder: Path, samples, ref_logits, report: MergeReport, log=print) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cura.atomic import atomic_folder
+from cura.atomic import atomic_folder, check_replaceable, write_json
 from cura.errors import CuraError
 
 
@@ -64,8 +64,15 @@ def checkpoint_state(model) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_quantized(model, tokenizer, folder: str | Path) -> Path:
-    """Write `model` (with cura Linear4bit layers) and `tokenizer` to `folder`, atomically (see module doc)."""
+QUANT_RECORD = "cura_quantized.json"
+"""Written into every folder `save_quantized` writes: marks it as cura's, so `overwrite=True` may replace it."""
+
+
+def save_quantized(model, tokenizer, folder: str | Path, *, overwrite: bool = False) -> Path:
+    """Write `model` (with cura Linear4bit layers) and `tokenizer` to `folder`, atomically (see module doc).
+
+    A non-empty `folder` is refused unless it is one this function wrote (its `QUANT_RECORD` lists every
+    file in it) and `overwrite` is set; the new folder replaces it in one rename."""
     from safetensors.torch import save_file
 
     from cura.nn.linear4bit import Linear4bit
@@ -81,7 +88,8 @@ def save_quantized(model, tokenizer, folder: str | Path) -> Path:
     config = copy.deepcopy(model.config)
     config.quantization_config = bnb_quantization_config(model, state, compute_dtype)
 
-    folder = Path(folder)
+    folder = Path(folder).absolute()
+    check_replaceable(folder, marker=QUANT_RECORD, what="the 4-bit model", overwrite=overwrite, flag="folder")
     with atomic_folder(folder) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config.save_pretrained(str(tmp))
@@ -89,4 +97,5 @@ def save_quantized(model, tokenizer, folder: str | Path) -> Path:
             model.generation_config.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        write_json(tmp / QUANT_RECORD, {"format": 1, "files": sorted(p.name for p in tmp.iterdir())})
     return folder

@@ -10,7 +10,11 @@ A checkpoint is a folder `checkpoints/step-000050/` holding everything an exact 
 
 It is written into a temporary sibling folder (`cura.atomic.atomic_folder`) and renamed into place only when
 complete, so an interrupted save leaves the previous checkpoint untouched and `latest_checkpoint` ignores
-the debris (and `trainer_state.json`, written last, marks a complete folder). No
+the debris (and `trainer_state.json`, written last, marks a complete folder). Its files are flushed to
+disk before the rename, and a re-save of the same step swaps the new folder with the old in one rename
+(`cura.atomic.replace_folder`), so no moment exists without a complete copy. On resume,
+`resumable_checkpoint` reads each candidate whole (every file parses, the adapter's weights are finite)
+and falls back to the previous complete checkpoint, with a note, when the newest is damaged. No
 pickle is involved: tensors go through safetensors, the rest through JSON.
 """
 
@@ -142,6 +146,34 @@ def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
 def _prune(root: Path, keep: int) -> None:
     for _, path in _complete_checkpoints(root)[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """None when every file of the checkpoint `path` reads back and its adapter weights are finite, else
+    what is wrong (a damaged file, a truncated one, NaN weights)."""
+    try:
+        state = json.loads((path / COMPLETE_MARKER).read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or "optimizer" not in state or "scheduler" not in state:
+            return f"{COMPLETE_MARKER} lacks the optimizer or scheduler state"
+        for name in ("optimizer.safetensors", "rng.safetensors"):
+            load_file(str(path / name))
+        adapter = load_file(str(path / "adapter_model.safetensors"))
+    except Exception as exc:  # a damaged file raises whatever its parser raises (SafetensorError, ...)
+        return f"{type(exc).__name__}: {str(exc)[:120]}"
+    if not all(bool(torch.isfinite(t).all()) for t in adapter.values()):
+        return "its adapter weights are not finite"
+    return None
+
+
+def resumable_checkpoint(root: Path, say) -> Path | None:
+    """The newest complete checkpoint that reads back whole (`checkpoint_problem`); damaged newer ones are
+    skipped with a note (and left on disk for the user to look at)."""
+    for _, path in reversed(_complete_checkpoints(root)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        say(f"checkpoint {path} is damaged ({problem}): falling back to the previous complete one")
+    return None
 
 
 def latest_checkpoint(root: Path) -> Path | None:

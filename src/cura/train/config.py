@@ -35,6 +35,10 @@ QuantType = Literal[QUANT_TYPES]
 Malloc = Literal["auto", "fast", "tight"]
 Reporter = Literal["none", "tensorboard", "wandb", "mlflow"]
 
+MAX_LR = 1.0
+"""The largest learning rate accepted: each AdamW step moves every weight by about lr, and LoRA weights start
+below 1, so above 1 the loss cannot improve (it stalls or the weights overflow)."""
+
 
 @dataclass
 class TrainConfig:
@@ -103,7 +107,9 @@ class TrainConfig:
     resume: bool = False
     """continue from the newest complete checkpoint in output_dir"""
     overwrite: bool = False
-    """allow training into a non-empty output folder without resume"""
+    """train over an earlier run in output_dir: what it wrote (checkpoints included) is deleted first"""
+    allow_change: str = ""
+    """with resume: comma-separated keys allowed to differ from the run's record (e.g. lr,max_steps)"""
     threads: int = 0
     """CPU threads for torch; 0: all cores"""
     cpu_malloc: Malloc = "auto"
@@ -130,8 +136,11 @@ class TrainConfig:
         for key, value in non_negative.items():
             if value < 0:
                 raise CuraError(f"config key '{key}' must be zero or more, got {value}")
-        if not self.lr > 0:
-            raise CuraError(f"config key 'lr' must be a positive learning rate such as 2e-4, got {self.lr}")
+        if not 0 < self.lr <= MAX_LR:  # also refuses nan and inf
+            raise CuraError(
+                f"config key 'lr' must be a learning rate above 0 and at most {MAX_LR:g} (LoRA usually trains "
+                f"at 1e-5 to 1e-3; an AdamW step moves each weight by about lr), got {self.lr}"
+            )
         if self.max_steps == 0 and not self.epochs > 0:
             raise CuraError("set either 'max_steps' or a positive 'epochs'")
         if self.blocksize not in BLOCKSIZES:

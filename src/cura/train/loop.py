@@ -28,10 +28,12 @@ from cura.config import to_dict
 from cura.errors import CuraError
 from cura.hardware import default_device
 from cura.models import BaseSpec
+from cura.train import guard, resume_check
 from cura.train.checkpoint import (
     TrainerState,
     latest_checkpoint,
     load_checkpoint,
+    resumable_checkpoint,
     save_checkpoint,
 )
 from cura.train.config import TrainConfig
@@ -46,7 +48,9 @@ from cura.train.report import (
     write_summary,
 )
 from cura.train.run import Run, build_run, prepare_process
-from cura.train.steps import current_memory_bytes, evaluate_loss, graceful_stop, peak_memory_bytes
+from cura.train.rundir import claim_run_folder
+from cura.train.signals import EvalInterrupted, RunSignals, run_signals
+from cura.train.steps import current_memory_bytes, evaluate_loss, peak_memory_bytes
 from cura.train.tracking import Tracking, prepare_tracking
 
 Say = Callable[[str], None]
@@ -84,6 +88,7 @@ class Session:
     tokens_seen: int = 0
     interrupted: str | None = None  # the signal that stopped the loop
     tracking: Tracking = field(default_factory=Tracking)  # TensorBoard / W&B / MLflow (`report_to`)
+    signals: RunSignals | None = None  # SIGINT/SIGTERM for the whole run (`cura.train.signals`)
 
     @property
     def checkpoints(self) -> Path:
@@ -97,39 +102,30 @@ def train(config: TrainConfig, *, hooks: TrainHooks | None = None, say: Say = _s
     """Fine-tune `config.model` with LoRA on its (4-bit) frozen base; returns the summary and the model."""
     hooks = hooks or TrainHooks()
     started = time.perf_counter()
-    out = Path(config.output_dir)
-    check_output_folder(out, config)
-    tracking = prepare_tracking(config, say)  # a missing tracker library stops here, before anything loads
-    preflight(config, default_device())  # the sequence fits the model's context, the plan fits the memory
-    device, _ = prepare_process(config, say=say)
-    run = build_run(config, device, say=say)
-    say(describe_model(run))
-    out.mkdir(parents=True, exist_ok=True)
-    session = Session(out, MetricsLog(out / "metrics.jsonl"), started, tracking=tracking)
-    state = start_or_resume(run, session, say)
-    tracking.start(session.start_step, run_base_spec(run).to_dict(), out)
-    try:
-        if hooks.on_model_ready:
-            hooks.on_model_ready(run.model, run.tokenizer)
-        evaluate_before(run, state, say)
-        run_loop(run, state, session, hooks, say)
-        return finish(run, state, session, say)
-    except BaseException:
-        tracking.close()  # the tracker runs end as failed; a resume reopens them
-        raise
+    # one owner per folder (a lock for the run's life) and signals handled from load to the last write
+    with run_signals() as signals, claim_run_folder(config, say) as out:
+        tracking = prepare_tracking(config, say)  # a missing tracker library stops here, before anything loads
+        preflight(config, default_device())  # the sequence fits the model's context, the plan fits memory
+        device, _ = prepare_process(config, say=say)
+        run = build_run(config, device, say=say)
+        say(describe_model(run))
+        session = Session(out, MetricsLog(out / "metrics.jsonl"), started, tracking=tracking, signals=signals)
+        state = start_or_resume(run, session, say)
+        tracking.start(session.start_step, run_base_spec(run).to_dict(), out)
+        try:
+            if hooks.on_model_ready:
+                hooks.on_model_ready(run.model, run.tokenizer)
+            evaluate_before(run, state, say)
+            signals.phase = "train"
+            run_loop(run, state, session, hooks, say)
+            signals.phase = "save"
+            return finish(run, state, session, say)
+        except BaseException:
+            tracking.close()  # the tracker runs end as failed; a resume reopens them
+            raise
 
 
 # ----------------------------------------------------------------------------------------------- setup
-
-
-def check_output_folder(out: Path, config: TrainConfig) -> None:
-    if config.resume or not out.exists() or not any(out.iterdir()):
-        return
-    if not config.overwrite:
-        raise CuraError(
-            f"output folder {out} already holds a run; pass --resume to continue it, --overwrite to train "
-            "over it, or choose another --output"
-        )
 
 
 def describe_model(run: Run) -> str:
@@ -144,14 +140,16 @@ def describe_model(run: Run) -> str:
 
 
 def start_or_resume(run: Run, session: Session, say: Say) -> TrainerState:
-    """A fresh state (and a fresh metrics.jsonl, config.json), or the latest complete checkpoint restored."""
-    latest = latest_checkpoint(session.checkpoints) if run.config.resume else None
+    """A fresh state (and a fresh metrics.jsonl, config.json, run record), or the latest complete checkpoint
+    restored after the run record was checked against this config (`cura.train.resume_check`)."""
+    latest = resumable_checkpoint(session.checkpoints, say) if run.config.resume else None
     if latest is None:
         if run.config.resume:
             say(f"no complete checkpoint in {session.checkpoints}: starting a new run")
         if session.metrics.path.exists():
             session.metrics.path.unlink()
         write_json(session.out / "config.json", to_dict(run.config))
+        resume_check.write_run_record(session.out, resume_check.run_record(run.config, run.model))
         return TrainerState(total_steps=run.total_steps)
     check_same_base(
         latest,
@@ -160,9 +158,13 @@ def start_or_resume(run: Run, session: Session, say: Say) -> TrainerState:
         advice="resume with the model and quantization settings of the run that wrote it, or train into "
         "a new output folder",
     )
+    record, changed = resume_check.check_resume(session.out, run.config, run.model)
     load_adapter(run.model, latest, trainable=True)
     state = load_checkpoint(latest, optimizer=run.optimizer, scheduler=run.scheduler)
-    state.total_steps = run.total_steps  # the config's, which a resume may have raised
+    state.total_steps = run.total_steps  # the config's, which an allowed change of max_steps may have raised
+    resume_check.apply_settings(run, state, changed)
+    resume_check.record_changes(session.out, record, changed, state.step, say)
+    write_json(session.out / "config.json", to_dict(run.config))
     run.stream.epoch, run.stream.index = state.epoch, state.index
     session.metrics.truncate_after(state.step)
     session.start_step = state.step
@@ -189,17 +191,17 @@ def run_loop(run: Run, state: TrainerState, session: Session, hooks: TrainHooks,
     run.model.train()
     progress = progress_bar(run.config.progress, state.total_steps, state.step)
     try:
-        with graceful_stop() as stop:
-            while state.step < state.total_steps:
-                row = train_step(run, state, session, say)
-                stop_if_diverged(run, state, session)
-                evaluate_during(run, state, row)
-                log_step(run, state, session, row, progress, hooks)
-                if stop:
-                    session.interrupted = stop.requested
-                    return
-                if checkpoint_due(run.config, state):
-                    save_run_checkpoint(run, state, session)
+        stop = session.signals
+        while state.step < state.total_steps:
+            row = train_step(run, state, session, say)
+            stop_if_diverged(run, state, session)
+            evaluate_during(run, state, row)
+            log_step(run, state, session, row, progress, hooks)
+            if stop:
+                session.interrupted = stop.requested
+                return
+            if checkpoint_due(run.config, state):
+                save_run_checkpoint(run, state, session)
     finally:
         progress.close()
 
@@ -226,13 +228,17 @@ def train_step(run: Run, state: TrainerState, session: Session, say: Say) -> dic
 
 
 def stop_if_diverged(run: Run, state: TrainerState, session: Session) -> None:
-    if state.bad_streak < run.config.max_bad_steps:
+    """Stop (CuraError with advice that works as printed) after `max_bad_steps` non-finite steps in a row,
+    or at once when an update left the weights non-finite (`guard.weights_problem`): nothing is saved from
+    them."""
+    problem = guard.weights_problem(run.params)
+    if problem is None and state.bad_streak < run.config.max_bad_steps:
         return
+    state.bad_streak = max(state.bad_streak, 1)  # `finish` must not save these weights
     last = latest_checkpoint(session.checkpoints)
+    what = f"the update left {problem}" if problem else f"{state.bad_streak} non-finite steps in a row"
     raise CuraError(
-        f"training stopped at step {state.step}: {state.bad_streak} non-finite steps in a row; the last good "
-        f"checkpoint is {last or 'none (no checkpoint was written yet)'}; lower the learning rate ('lr') or "
-        "check the data, then resume with --resume"
+        f"training stopped at step {state.step}: {what}; {guard.lower_lr_advice(run.config.lr, last)}"
     )
 
 
@@ -304,11 +310,12 @@ def finish(run: Run, state: TrainerState, session: Session, say: Say) -> TrainRe
     adapter_dir = session.out / "adapter"
     with atomic_folder(adapter_dir) as tmp:  # a crash leaves the previous adapter, never half of one
         save_run_adapter(run, tmp)
-    eval_after = None
-    if not session.interrupted:
-        eval_after = evaluate_loss(run.model, run.eval_batches, run.device, run.config.loss_chunk_tokens)
+    eval_after = evaluate_after(run, session)
+    if session.signals is not None:
+        session.signals.phase = "save"
     rows = session.metrics.read()
     summary = run_summary(run, state, session, rows, eval_after)
+    report_stall(run, rows, summary, say)
     summary["adapter_dir"] = str(adapter_dir)
     summary["checkpoint"] = str(last_ckpt) if last_ckpt else None
     write_summary(session.out / "summary.json", summary)
@@ -320,6 +327,33 @@ def finish(run: Run, state: TrainerState, session: Session, say: Say) -> TrainRe
     result = TrainResult(summary)
     result.model, result.tokenizer, result.output_dir = run.model, run.tokenizer, session.out
     return result
+
+
+def evaluate_after(run: Run, session: Session) -> float | None:
+    """The held-out loss after training, skipped when stopped by a signal (before or during it)."""
+    if session.signals is not None and session.signals.requested:
+        session.interrupted = session.interrupted or session.signals.requested
+    if session.interrupted:
+        return None
+    if session.signals is not None:
+        session.signals.phase = "eval"
+    try:
+        return evaluate_loss(run.model, run.eval_batches, run.device, run.config.loss_chunk_tokens)
+    except EvalInterrupted as exc:
+        session.interrupted = str(exc)
+        return None
+
+
+def report_stall(run: Run, rows: list[dict], summary: dict[str, Any], say: Say) -> None:
+    """Say (and record in the summary) that the training loss never moved: such a run trained nothing."""
+    losses = [r["loss"] for r in rows if r.get("loss") is not None]
+    if guard.stalled(losses):
+        warning = (
+            f"the training loss stayed at {losses[0]:.4f} for all {len(losses)} logged steps: the updates do "
+            f"not move the model (lr {run.config.lr:g} is likely far too large or too small)"
+        )
+        summary.setdefault("warnings", []).append(warning)
+        say(f"warning: {warning}")
 
 
 def run_summary(
