@@ -104,7 +104,8 @@ def train(config: TrainConfig, *, hooks: TrainHooks | None = None, say: Say = _s
     started = time.perf_counter()
     # one owner per folder (a lock for the run's life) and signals handled from load to the last write
     with run_signals() as signals, claim_run_folder(config, say) as out:
-        tracking = prepare_tracking(config, say)  # a missing tracker library stops here, before anything loads
+        # a missing tracker library stops here, before anything loads
+        tracking = prepare_tracking(config, say)
         preflight(config, default_device())  # the sequence fits the model's context, the plan fits memory
         device, _ = prepare_process(config, say=say)
         run = build_run(config, device, say=say)

@@ -44,6 +44,11 @@ RUN_FILES = (
     "config.json",
     "demo.md",
     RUN_RECORD,
+    # --report-to (train/tracking.py): the trackers' local files and the runs they continue on resume
+    "tracking.json",
+    "tensorboard",
+    "wandb",
+    "mlflow",
 )
 """What a run writes into its folder: `--overwrite` deletes exactly these (and `cura`'s temporaries)."""
 
