@@ -35,6 +35,7 @@ from cura.train.checkpoint import (
     save_checkpoint,
 )
 from cura.train.config import TrainConfig
+from cura.train.distributed import check_same_checkpoint, check_world_size, init_world
 from cura.train.preflight import preflight
 from cura.train.report import (
     MetricsLog,
@@ -96,19 +97,27 @@ def train(config: TrainConfig, *, hooks: TrainHooks | None = None, say: Say = _s
     hooks = hooks or TrainHooks()
     started = time.perf_counter()
     out = Path(config.output_dir)
-    check_output_folder(out, config)
-    preflight(config, default_device())  # the sequence fits the model's context, the plan fits the memory
-    device, _ = prepare_process(config, say=say)
-    run = build_run(config, device, say=say)
-    say(describe_model(run))
-    out.mkdir(parents=True, exist_ok=True)
-    session = Session(out, MetricsLog(out / "metrics.jsonl"), started)
-    state = start_or_resume(run, session, say)
-    if hooks.on_model_ready:
-        hooks.on_model_ready(run.model, run.tokenizer)
-    evaluate_before(run, state, say)
-    run_loop(run, state, session, hooks, say)
-    return finish(run, state, session, say)
+    world = init_world()  # under torchrun: this rank's place in the job (cura.train.distributed)
+    try:
+        say = world.say(say)  # rank 0 alone speaks
+        check_output_folder(out, config)
+        world.barrier()  # every rank has looked at the folder before rank 0 writes into it
+        device = world.device or default_device()
+        preflight(config, device)  # the sequence fits the model's context, the plan fits the memory
+        device, _ = prepare_process(config, device, say=say)
+        run = build_run(config, device, say=say, world=world)
+        say(describe_model(run))
+        if world.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+        session = Session(out, MetricsLog(out / "metrics.jsonl"), started)
+        state = start_or_resume(run, session, say)
+        if hooks.on_model_ready:
+            hooks.on_model_ready(run.model, run.tokenizer)
+        evaluate_before(run, state, say)
+        run_loop(run, state, session, hooks, say)
+        return finish(run, state, session, say)
+    finally:
+        world.close()
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -137,14 +146,17 @@ def describe_model(run: Run) -> str:
 
 def start_or_resume(run: Run, session: Session, say: Say) -> TrainerState:
     """A fresh state (and a fresh metrics.jsonl, config.json), or the latest complete checkpoint restored."""
-    latest = latest_checkpoint(session.checkpoints) if run.config.resume else None
+    world = run.world
+    latest = latest_checkpoint(session.checkpoints) if run.config.resume and world.is_main else None
+    latest = check_same_checkpoint(world, latest)  # rank 0's choice, readable by every rank
     if latest is None:
         if run.config.resume:
             say(f"no complete checkpoint in {session.checkpoints}: starting a new run")
-        if session.metrics.path.exists():
-            session.metrics.path.unlink()
-        write_json(session.out / "config.json", to_dict(run.config))
-        return TrainerState(total_steps=run.total_steps)
+        if world.is_main:
+            if session.metrics.path.exists():
+                session.metrics.path.unlink()
+            write_json(session.out / "config.json", to_dict(run.config))
+        return TrainerState(total_steps=run.total_steps, world_size=world.size)
     check_same_base(
         latest,
         run_base_spec(run),
@@ -154,9 +166,12 @@ def start_or_resume(run: Run, session: Session, say: Say) -> TrainerState:
     )
     load_adapter(run.model, latest, trainable=True)
     state = load_checkpoint(latest, optimizer=run.optimizer, scheduler=run.scheduler)
+    check_world_size(latest, state.world_size, world)
+    world.restore_rng(latest)  # rank r > 0: its own RNG state (load_checkpoint restored rank 0's)
     state.total_steps = run.total_steps  # the config's, which a resume may have raised
     run.stream.epoch, run.stream.index = state.epoch, state.index
-    session.metrics.truncate_after(state.step)
+    if world.is_main:
+        session.metrics.truncate_after(state.step)
     session.start_step = state.step
     say(f"resuming from {latest} (step {state.step} of {state.total_steps})")
     return state
@@ -179,7 +194,7 @@ def evaluate_before(run: Run, state: TrainerState, say: Say) -> None:
 def run_loop(run: Run, state: TrainerState, session: Session, hooks: TrainHooks, say: Say) -> None:
     """Optimizer steps until `total_steps`, or until a stop signal (recorded in `session.interrupted`)."""
     run.model.train()
-    progress = progress_bar(run.config.progress, state.total_steps, state.step)
+    progress = progress_bar(run.config.progress and run.world.is_main, state.total_steps, state.step)
     try:
         with graceful_stop() as stop:
             while state.step < state.total_steps:
@@ -187,8 +202,8 @@ def run_loop(run: Run, state: TrainerState, session: Session, hooks: TrainHooks,
                 stop_if_diverged(run, state, session)
                 evaluate_during(run, state, row)
                 log_step(run, state, session, row, progress, hooks)
-                if stop:
-                    session.interrupted = stop.requested
+                session.interrupted = run.world.agree_stop(stop.requested)  # any rank's signal stops all
+                if session.interrupted:
                     return
                 if checkpoint_due(run.config, state):
                     save_run_checkpoint(run, state, session)
@@ -236,7 +251,8 @@ def evaluate_during(run: Run, state: TrainerState, row: dict[str, Any]) -> None:
 
 
 def log_step(run: Run, state: TrainerState, session: Session, row: dict, progress, hooks: TrainHooks) -> None:
-    if state.step % run.config.log_every == 0 or state.step == state.total_steps:
+    logged = state.step % run.config.log_every == 0 or state.step == state.total_steps
+    if logged and run.world.is_main:
         session.metrics.append(row)
     progress.update(1)
     progress.set_postfix_str(postfix(row))
@@ -267,7 +283,12 @@ def run_base_spec(run: Run) -> BaseSpec:
     )
 
 
-def save_run_checkpoint(run: Run, state: TrainerState, session: Session) -> Path:
+def save_run_checkpoint(run: Run, state: TrainerState, session: Session) -> Path | None:
+    """The checkpoint of this step, written by rank 0 with every rank's RNG state (every rank calls this:
+    gathering the RNG states is a collective); None on the other ranks."""
+    other_ranks_rng = run.world.gather_rng()
+    if not run.world.is_main:
+        return None
     return save_checkpoint(
         session.checkpoints,
         state,
@@ -275,6 +296,7 @@ def save_run_checkpoint(run: Run, state: TrainerState, session: Session) -> Path
         optimizer=run.optimizer,
         scheduler=run.scheduler,
         keep=run.config.keep_checkpoints,
+        extra_rng=other_ranks_rng,
     )
 
 
@@ -287,6 +309,8 @@ def finish(run: Run, state: TrainerState, session: Session, say: Say) -> TrainRe
         last_ckpt = save_run_checkpoint(run, state, session)
     else:
         last_ckpt = latest_checkpoint(session.checkpoints)
+    if not run.world.is_main:  # rank 0 writes the adapter and the summary
+        return worker_result(run, state, session)
     if session.interrupted:
         say(
             f"stopped by {session.interrupted} after step {state.step} of {state.total_steps}; checkpoint saved "
@@ -308,6 +332,18 @@ def finish(run: Run, state: TrainerState, session: Session, say: Say) -> TrainRe
         plot_losses(rows, session.out / "loss.png", held_out=[(s, v) for s, v in held_out if v is not None])
     say(summary_text(summary, session.out))
     result = TrainResult(summary)
+    result.model, result.tokenizer, result.output_dir = run.model, run.tokenizer, session.out
+    return result
+
+
+def worker_result(run: Run, state: TrainerState, session: Session) -> TrainResult:
+    """What a rank other than 0 returns: how its run ended (rank 0 has the full summary)."""
+    result = TrainResult(
+        steps=state.step,
+        completed=not session.interrupted and state.step >= state.total_steps,
+        interrupted_by=session.interrupted,
+        rank=run.world.rank,
+    )
     result.model, result.tokenizer, result.output_dir = run.model, run.tokenizer, session.out
     return result
 
@@ -342,5 +378,6 @@ def run_summary(
         "train_samples": len(data.train_set),
         "eval_samples": len(data.eval_set) if data.eval_set is not None else 0,
         "device": str(run.device),
+        "world_size": run.world.size,
         "compute_dtype": str(run.compute_dtype).removeprefix("torch."),
     }
