@@ -147,18 +147,6 @@ def adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if predicate():
-            return
-        time.sleep(0.05)
-    if proc.poll() is not None:
-        pytest.fail(f"the run ended early: {proc.communicate()[1][-3000:]}")
-    proc.kill()
-    pytest.fail(f"nothing happened within {timeout} s")
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -189,36 +177,31 @@ def one_process_config(source: str, data: Path, out: Path, **overrides) -> Train
     )
 
 
-def test_two_processes_equal_one_with_the_global_batch_and_resume_and_two_nodes_agree(
-    tiny_source, train_file, tmp_path
-):
-    """SIGTERM to `cura train --nproc 2` then --resume == two launchers (--nnodes 2, localhost rendezvous)
-    run without a stop, exactly; both == one process with twice the per-rank batch (float32 rounding)."""
-    # (1) one launcher, 2 processes, SIGTERM mid-run, then --resume to the end
-    interrupted = tmp_path / "interrupted"
-    proc = cura(*flags(settings(tiny_source, train_file, output=interrupted)), "--nproc", "2")
-    metrics = interrupted / "metrics.jsonl"
-    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, proc)
-    proc.send_signal(signal.SIGTERM)
-    err = finish(proc)
-    assert "--resume" in err and "SIGTERM" in err
-    ckpt = latest_checkpoint(interrupted / "checkpoints")
-    stopped_at = int(ckpt.name.split("-")[1])
-    assert 2 <= stopped_at < STEPS, f"stopped at {stopped_at}: the signal came too late to test a resume"
-    rng = load_file(str(ckpt / "rng.safetensors"))
-    assert set(rng) == {"torch", "rank1.torch"}  # every rank's RNG state
-    assert not torch.equal(rng["torch"], rng["rank1.torch"])  # each rank has its own dropout stream
-    copy = tmp_path / "copy"
-    shutil.copytree(interrupted, copy)
-    with pytest.raises(CuraError, match="was trained by 2 processes and this run has 1"):
-        train(one_process_config(tiny_source, train_file, copy).replace(resume=True))
-    finish(cura(*flags(settings(tiny_source, train_file, output=interrupted)), "--nproc", "2", "--resume"))
-    resumed = losses(interrupted)
-    assert [s for s, _ in resumed] == list(range(1, STEPS + 1))
+@pytest.fixture(scope="module")
+def runs(tiny_source, train_file, tmp_path_factory):
+    """Every launch at once (real processes share the 2 cores better than they queue for them):
 
-    # (2) two "machines": two torchrun launchers of one process each, meeting at a localhost rendezvous
-    two_nodes = tmp_path / "two-nodes"
+    interrupted   cura train --nproc 2, SIGTERM after 2 logged steps, then --resume to the end
+    two_nodes     two torchrun launchers (--nnodes 2, one process each) at a localhost rendezvous
+    killed        cura train --nproc 2 (400 steps), rank 1 killed with SIGKILL after the first checkpoint
+    one           one process (in this one) reading the whole global batch of 2 x 2 sequences
+    """
+    launched: list[subprocess.Popen] = []
+    try:
+        yield _launch_all(tiny_source, train_file, tmp_path_factory.mktemp("runs"), launched)
+    finally:
+        for proc in launched:  # a failed check must not leave ranks running
+            if proc.poll() is None:
+                _kill_tree(proc.pid)
+                proc.wait(timeout=30)
+
+
+def _launch_all(tiny_source, train_file, root: Path, launched: list) -> dict:
+    """The body of the `runs` fixture; every process it starts is appended to `launched`."""
+    out = {name: root / name for name in ("interrupted", "two_nodes", "killed", "one")}
     port = free_port()
+    interrupted = cura(*flags(settings(tiny_source, train_file, output=out["interrupted"])), "--nproc", "2")
+    launched.append(interrupted)
     nodes = [
         torchrun(
             "--nnodes=2",
@@ -228,28 +211,98 @@ def test_two_processes_equal_one_with_the_global_batch_and_resume_and_two_nodes_
             "-m",
             "cura",
             "train",
-            *flags(settings(tiny_source, train_file, output=two_nodes)),
+            *flags(settings(tiny_source, train_file, output=out["two_nodes"])),
         )
         for rank in (0, 1)
     ]
-    for node in nodes:
-        finish(node)
-    assert losses(two_nodes) == resumed  # the same ranks computing the same sums: equal, not just close
-    summary = json.loads((two_nodes / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["completed"]
-    for key, value in adapter(two_nodes).items():
-        torch.testing.assert_close(adapter(interrupted)[key], value, rtol=0, atol=0)
+    launched += nodes
+    killed_settings = settings(
+        tiny_source, train_file, output=out["killed"], max_steps=400, save_every=2, lora__dropout=0.1
+    )
+    killed = cura(*flags(killed_settings), "--nproc", "2")
+    launched.append(killed)
+    metrics = out["interrupted"] / "metrics.jsonl"
+    signalled = kill_at = None
+    deadline = time.time() + 240
+    while (signalled is None or kill_at is None) and time.time() < deadline:
+        if signalled is None and metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            interrupted.send_signal(signal.SIGTERM)
+            signalled = time.time()
+        if kill_at is None and latest_checkpoint(out["killed"] / "checkpoints") is not None:
+            workers = [p for agent in _children(killed.pid) for p in _children(agent)]
+            rank1 = [p for p in workers if _rank_of(p) == 1]
+            assert rank1, f"no rank-1 worker among {workers}"
+            os.kill(rank1[0], signal.SIGKILL)
+            kill_at = time.time()
+        time.sleep(0.05)
+    assert signalled and kill_at, "the runs did not start within 240 s"
+    one = train(one_process_config(tiny_source, train_file, out["one"]))
+    result = {"paths": out, "one": one, "interrupted_err": finish(interrupted)}
+    result["two_nodes_err"] = [finish(node) for node in nodes]
+    try:
+        _, result["killed_err"] = killed.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        killed.kill()
+        pytest.fail("the job hung after a rank was killed")
+    result["killed_seconds"], result["killed_rc"] = time.time() - kill_at, killed.returncode
+    ckpt = latest_checkpoint(out["interrupted"] / "checkpoints")
+    result["stopped_at"] = int(ckpt.name.split("-")[1])
+    result["stopped_rng"] = load_file(str(ckpt / "rng.safetensors"))
+    shutil.copytree(out["interrupted"], root / "interrupted-copy")
+    result["interrupted_copy"] = root / "interrupted-copy"
+    resume = cura(
+        *flags(settings(tiny_source, train_file, output=out["interrupted"])), "--nproc", "2", "--resume"
+    )
+    launched.append(resume)
+    result["resume_err"] = finish(resume)
+    return result
 
-    # (3) one process reading the whole global batch
-    one = train(one_process_config(tiny_source, train_file, tmp_path / "one"))
-    assert one["completed"]
-    want = losses(tmp_path / "one")
-    assert [s for s, _ in resumed] == [s for s, _ in want]
-    for (step, a), (_, b) in zip(resumed, want, strict=True):
+
+def test_two_processes_equal_one_process_with_the_global_batch(runs):
+    """Per-rank batch 2 on 2 processes == batch 4 on one: losses within float32 rounding, adapters too."""
+    assert runs["one"]["completed"]
+    got, want = losses(runs["paths"]["two_nodes"]), losses(runs["paths"]["one"])
+    assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, STEPS + 1))
+    for (step, a), (_, b) in zip(got, want, strict=True):
         assert a == pytest.approx(b, rel=LOSS_RTOL), f"step {step}: 2 processes {a}, 1 process {b}"
-    one_adapter = adapter(tmp_path / "one")
-    for key, value in adapter(two_nodes).items():
+    one_adapter = adapter(runs["paths"]["one"])
+    for key, value in adapter(runs["paths"]["two_nodes"]).items():
         torch.testing.assert_close(value, one_adapter[key], rtol=0, atol=ADAPTER_ATOL)
+
+
+def test_sigterm_then_resume_equals_two_launchers_on_localhost(runs):
+    """SIGTERM to the launcher: every rank stops after the same step, one checkpoint (with each rank's RNG),
+    exit 0; --resume then gives exactly the losses and adapter of the two-"machine" run that was never
+    stopped (same ranks, same sums: equal, not close)."""
+    assert "SIGTERM" in runs["interrupted_err"] and "--resume" in runs["interrupted_err"]
+    assert 2 <= runs["stopped_at"] < STEPS, f"stopped at {runs['stopped_at']}: the signal came too late"
+    rng = runs["stopped_rng"]
+    assert set(rng) == {"torch", "rank1.torch"}
+    assert not torch.equal(rng["torch"], rng["rank1.torch"])  # each rank has its own dropout stream
+    resumed, two_nodes = runs["paths"]["interrupted"], runs["paths"]["two_nodes"]
+    assert losses(resumed) == losses(two_nodes)
+    assert json.loads((two_nodes / "summary.json").read_text())["world_size"] == 2
+    reference = adapter(two_nodes)
+    for key, value in adapter(resumed).items():
+        torch.testing.assert_close(value, reference[key], rtol=0, atol=0)
+
+
+def test_resume_with_another_process_count_is_refused(runs, tiny_source, train_file):
+    config = one_process_config(tiny_source, train_file, runs["interrupted_copy"]).replace(resume=True)
+    with pytest.raises(CuraError, match="was trained by 2 processes and this run has 1"):
+        train(config)
+
+
+def test_a_killed_rank_stops_the_job_and_keeps_the_last_checkpoint(runs):
+    err = runs["killed_err"]
+    assert runs["killed_rc"] != 0 and runs["killed_seconds"] < 120
+    assert "lost contact with the other processes" in err, err[-3000:]
+    ckpt = latest_checkpoint(runs["paths"]["killed"] / "checkpoints")
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == int(ckpt.name.split("-")[1])
+    load_file(str(ckpt / "adapter_model.safetensors"))
+    load_file(str(ckpt / "optimizer.safetensors"))
+    assert set(load_file(str(ckpt / "rng.safetensors"))) == {"torch", "rank1.torch"}
 
 
 def test_each_rank_restores_its_own_rng_state(tmp_path):
@@ -277,6 +330,16 @@ def _children(pid: int) -> list[int]:
     return [int(x) for x in text.split()]
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and its descendants (torchrun's agent and workers each run in a session of their own)."""
+    for child in _children(pid):
+        _kill_tree(child)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def _rank_of(pid: int) -> int | None:
     try:
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
@@ -288,31 +351,44 @@ def _rank_of(pid: int) -> int | None:
     return None
 
 
-def test_a_killed_rank_stops_the_job_and_keeps_the_last_checkpoint(tiny_source, train_file, tmp_path):
-    out = tmp_path / "killed"
-    proc = cura(
-        *flags(settings(tiny_source, train_file, output=out, max_steps=400, save_every=2, lora__dropout=0.1)),
-        "--nproc",
-        "2",
+def test_planner_all_reduce_bucket_is_the_largest_bucket_the_code_reduces(monkeypatch):
+    """`cura estimate --nproc N`: one more phase, the flat gradient bucket of `World.all_reduce_grads`; it
+    equals the largest bucket `_buckets` makes from a real model's LoRA gradients (at any bucket limit)."""
+    from cura.adapters import LoraConfig, attach_lora
+    from cura.memory import activations as planned
+    from cura.memory import plan, shape_from_config
+    from cura.memory.spec import PlanSpec
+    from cura.train import distributed
+    from tiny import tiny_model
+
+    model = tiny_model("llama")
+    attach_lora(model, LoraConfig(r=8))
+    grads = [torch.zeros_like(p) for p in model.parameters() if p.requires_grad]
+    shape = shape_from_config(model.config.to_dict())
+    base = dict(
+        method="lora",
+        quant_type="nf4",
+        double_quant=True,
+        blocksize=64,
+        lora_r=8,
+        lora_targets="all-linear",
+        lora_dropout=0.05,
+        optimizer="paged_adamw",
+        compute_dtype="float32",
+        batch_size=2,
+        seq_len=24,
+        gradient_checkpointing=True,
+        loss_chunk_tokens=1024,
+        packing=True,
+        device="cpu",
     )
-    wait_for(lambda: latest_checkpoint(out / "checkpoints") is not None, proc)
-    workers = [p for agent in _children(proc.pid) for p in _children(agent)]
-    rank1 = [p for p in workers if _rank_of(p) == 1]
-    assert rank1, f"no rank-1 worker among {workers}"
-    os.kill(rank1[0], signal.SIGKILL)
-    started = time.time()
-    try:
-        _, err = proc.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("the job hung after a rank was killed")
-    assert time.time() - started < 90
-    assert proc.returncode != 0
-    assert "lost contact with the other processes" in err, err[-3000:]
-    assert "Traceback" not in err.split("lost contact")[0][-2000:]  # rank 0 ends with one sentence
-    ckpt = latest_checkpoint(out / "checkpoints")
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    assert state["world_size"] == 2 and state["step"] == int(ckpt.name.split("-")[1])
-    load_file(str(ckpt / "adapter_model.safetensors"))
-    load_file(str(ckpt / "optimizer.safetensors"))
-    assert set(load_file(str(ckpt / "rng.safetensors"))) == {"torch", "rank1.torch"}
+    one, four = plan(shape, PlanSpec(**base)), plan(shape, PlanSpec(**base, world_size=4))
+    assert "all_reduce" not in one.phases and "all_reduce" in four.phases
+    assert {
+        k: v for k, v in four.phases.items() if k != "all_reduce"
+    } == one.phases  # per rank: the rest as 1
+    total = sum(g.nbytes for g in grads)
+    for limit in (total * 2, total // 3, 1):
+        monkeypatch.setattr(planned, "ALL_REDUCE_BUCKET_BYTES", limit)
+        biggest = max(sum(g.nbytes for g in b) for b in distributed._buckets(grads, limit))
+        assert planned.all_reduce_buffers(shape, PlanSpec(**base, world_size=2)) == biggest

@@ -38,6 +38,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,8 +49,9 @@ import torch.distributed as dist
 
 from cura.constants import IGNORE_INDEX
 from cura.errors import CuraError
+from cura.memory.activations import ALL_REDUCE_BUCKET_BYTES
 
-BUCKET_BYTES = 25 * 2**20  # gradients are all-reduced in flat buffers of at most this size (DDP's default)
+BUCKET_BYTES = ALL_REDUCE_BUCKET_BYTES  # gradients are all-reduced in flat buffers of at most this size
 TIMEOUT_SECONDS = int(os.environ.get("CURA_DIST_TIMEOUT", "600"))  # a collective that waits longer fails
 
 # torchrun's flags that `cura train --nproc` passes through (config key-free: they are not run settings)
@@ -64,6 +66,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     device: torch.device | None = None  # the rank's device when distributed (cuda:LOCAL_RANK or cpu)
+    comm_seconds: float = 0.0  # wall time in the training steps' collectives (waiting for slower ranks too)
 
     @property
     def is_main(self) -> bool:
@@ -82,7 +85,7 @@ class World:
 
     def barrier(self) -> None:
         if self.distributed:
-            with self._collective("a barrier"):
+            with self._collective("a barrier", timed=False):
                 dist.barrier()
 
     def sum(self, values: Sequence[float]) -> list[float]:
@@ -95,7 +98,8 @@ class World:
         return t.tolist()
 
     def all_reduce_grads(self, params: Sequence[torch.nn.Parameter]) -> None:
-        """Sum every parameter's gradient over the ranks, in flat buckets (a missing gradient counts as 0)."""
+        """Sum every parameter's gradient over the ranks, in flat buckets (a missing gradient counts as 0);
+        the planner counts the largest bucket (`cura.memory.activations.all_reduce_buffers`)."""
         if not self.distributed:
             return
         grads = []
@@ -116,7 +120,7 @@ class World:
         """Rank 0's values of `params` on every rank (the seeded init already agrees; this makes it certain)."""
         if not self.distributed:
             return
-        with self._collective("broadcasting the initial LoRA weights"), torch.no_grad():
+        with self._collective("broadcasting the initial LoRA weights", timed=False), torch.no_grad():
             for p in params:
                 dist.broadcast(p.data, src=0)
 
@@ -134,7 +138,7 @@ class World:
         if not self.distributed:
             return value
         box = [value]
-        with self._collective("sharing rank 0's view of the run"):
+        with self._collective("sharing rank 0's view of the run", timed=False):
             dist.broadcast_object_list(box, src=0)
         return box[0]
 
@@ -145,7 +149,7 @@ class World:
         from cura.train.checkpoint import rng_state
 
         everyone: list = [None] * self.size
-        with self._collective("gathering the ranks' RNG states"):
+        with self._collective("gathering the ranks' RNG states", timed=False):
             dist.all_gather_object(everyone, rng_state())
         return {
             f"rank{r}.{key}": value.cpu().contiguous()
@@ -186,10 +190,14 @@ class World:
         return self.device if self.device is not None and self.device.type == "cuda" else torch.device("cpu")
 
     @contextmanager
-    def _collective(self, what: str) -> Iterator[None]:
-        """A collective whose peer died (or timed out) ends this rank with one sentence, not a traceback."""
+    def _collective(self, what: str, timed: bool = True) -> Iterator[None]:
+        """A collective whose peer died (or timed out) ends this rank with one sentence, not a traceback;
+        `timed`: a collective of the training step, counted in `comm_seconds` (setup and saving are not)."""
+        t0 = time.perf_counter()
         try:
             yield
+            if timed:
+                self.comm_seconds += time.perf_counter() - t0
         except (RuntimeError, dist.DistError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CuraError(

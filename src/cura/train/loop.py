@@ -379,5 +379,10 @@ def run_summary(
         "eval_samples": len(data.eval_set) if data.eval_set is not None else 0,
         "device": str(run.device),
         "world_size": run.world.size,
+        "communication_seconds_per_step": (
+            run.world.comm_seconds / max(1, state.step - session.start_step)
+            if run.world.distributed
+            else None
+        ),
         "compute_dtype": str(run.compute_dtype).removeprefix("torch."),
     }
