@@ -107,14 +107,14 @@ class World:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
-        with self._collective("all-reducing the LoRA gradients"):
-            for bucket in _buckets(grads, BUCKET_BYTES):
-                flat = torch.cat([g.reshape(-1) for g in bucket])
+        for bucket in _buckets(grads, BUCKET_BYTES):
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            with self._collective("all-reducing the LoRA gradients"):
                 dist.all_reduce(flat)
-                offset = 0
-                for g in bucket:
-                    g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                    offset += g.numel()
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
 
     def broadcast_params(self, params: Sequence[torch.nn.Parameter]) -> None:
         """Rank 0's values of `params` on every rank (the seeded init already agrees; this makes it certain)."""
@@ -284,6 +284,29 @@ def shard_batches(world: World, global_batches, per_rank: int):
     if not world.distributed:
         return global_batches
     return ShardedBatches(global_batches, world.rank, per_rank)
+
+
+def evaluate_loss_over_ranks(
+    world: World, model, eval_batches, device: torch.device, chunk: int
+) -> float | None:
+    """`cura.train.steps.evaluate_loss` over the ranks: rank r scores batches r, r + size, ...; the summed
+    losses and token counts are all-reduced, so every rank gets the held-out loss of all the batches."""
+    from cura.train import steps
+
+    if not world.distributed:
+        return steps.evaluate_loss(model, eval_batches, device, chunk)
+    if not eval_batches:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(world.rank, len(eval_batches), world.size):
+            s, n = steps.loss_sum(model, steps.to_device(eval_batches[i], device), chunk)
+            total, count = total + float(s), count + n
+    model.train(was_training)
+    total, count = world.sum([total, count])
+    return total / max(count, 1)
 
 
 # ----------------------------------------------------------------------------------------- resume

@@ -47,7 +47,7 @@ from cura.train.report import (
     write_summary,
 )
 from cura.train.run import Run, build_run, prepare_process
-from cura.train.steps import current_memory_bytes, evaluate_loss, graceful_stop, peak_memory_bytes
+from cura.train.steps import current_memory_bytes, graceful_stop, peak_memory_bytes
 
 Say = Callable[[str], None]
 
@@ -181,9 +181,7 @@ def evaluate_before(run: Run, state: TrainerState, say: Say) -> None:
     """The base model's held-out loss, once per run (a resumed run keeps the first one)."""
     if state.eval_loss_before is not None:
         return
-    state.eval_loss_before = evaluate_loss(
-        run.model, run.eval_batches, run.device, run.config.loss_chunk_tokens
-    )
+    state.eval_loss_before = run.evaluate()
     if state.eval_loss_before is not None:
         say(f"held-out loss before training: {state.eval_loss_before:.4f}")
 
@@ -246,7 +244,7 @@ def stop_if_diverged(run: Run, state: TrainerState, session: Session) -> None:
 def evaluate_during(run: Run, state: TrainerState, row: dict[str, Any]) -> None:
     every = run.config.eval_every
     if every and state.step % every == 0 and state.step < state.total_steps:
-        loss = evaluate_loss(run.model, run.eval_batches, run.device, run.config.loss_chunk_tokens)
+        loss = run.evaluate()
         row["eval_loss"] = state.last_eval_loss = loss
 
 
@@ -309,19 +307,17 @@ def finish(run: Run, state: TrainerState, session: Session, say: Say) -> TrainRe
         last_ckpt = save_run_checkpoint(run, state, session)
     else:
         last_ckpt = latest_checkpoint(session.checkpoints)
-    if not run.world.is_main:  # rank 0 writes the adapter and the summary
-        return worker_result(run, state, session)
-    if session.interrupted:
+    if session.interrupted and run.world.is_main:
         say(
             f"stopped by {session.interrupted} after step {state.step} of {state.total_steps}; checkpoint saved "
             f"in {last_ckpt}. Resume with the same command plus --resume (output folder {session.out})"
         )
+    eval_after = None if session.interrupted else run.evaluate()  # every rank takes part
+    if not run.world.is_main:  # rank 0 writes the adapter and the summary
+        return worker_result(run, state, session)
     adapter_dir = session.out / "adapter"
     with atomic_folder(adapter_dir) as tmp:  # a crash leaves the previous adapter, never half of one
         save_run_adapter(run, tmp)
-    eval_after = None
-    if not session.interrupted:
-        eval_after = evaluate_loss(run.model, run.eval_batches, run.device, run.config.loss_chunk_tokens)
     rows = session.metrics.read()
     summary = run_summary(run, state, session, rows, eval_after)
     summary["adapter_dir"] = str(adapter_dir)

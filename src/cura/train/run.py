@@ -33,7 +33,7 @@ from cura.nn import Linear4bit
 from cura.optim import PagedAdamW
 from cura.train.autofit import apply_cpu_malloc
 from cura.train.config import TrainConfig
-from cura.train.distributed import World, reseed_per_rank, shard_batches
+from cura.train.distributed import World, evaluate_loss_over_ranks, reseed_per_rank, shard_batches
 from cura.train.steps import enable_activation_checkpointing, lr_lambda, optimizer_step
 
 Say = Callable[[str], None]
@@ -116,6 +116,13 @@ class Run:
             max_grad_norm=self.config.max_grad_norm,
             device=self.device,
             world=self.world if self.world.distributed else None,
+        )
+
+    def evaluate(self) -> float | None:
+        """The held-out loss (token-weighted) over `eval_batches`; under torchrun each rank scores every
+        world.size-th batch and the sums are all-reduced (`cura.train.distributed.evaluate_loss_over_ranks`)."""
+        return evaluate_loss_over_ranks(
+            self.world, self.model, self.eval_batches, self.device, self.config.loss_chunk_tokens
         )
 
     def parameter_counts(self) -> tuple[int, int]:
