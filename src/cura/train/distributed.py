@@ -27,6 +27,14 @@ gathered into the checkpoint (`rng.safetensors`: rank 0's under its usual keys, 
 A stop signal on any rank stops every rank after the same step (the flag is all-reduced each step). A rank
 that loses its peers (one was killed) ends with one sentence instead of a traceback; torchrun then stops
 the others. A checkpoint written by another number of processes is refused on resume (`check_world_size`).
+
+Not here: sharding the base (FSDP2). `fully_shard` shards parameters only, and `Linear4bit`'s packed codes
+and quantization constants are buffers, so they would stay whole on every rank. Sharding them needs the
+4-bit weight as a frozen parameter of a `torch.Tensor` subclass (as torchao's `NF4Tensor`) that implements
+the ops FSDP2 applies to a parameter (chunk/split along dim 0, view, copy_, new_zeros, ...) and the
+`fsdp_pre_all_gather` (this rank's packed rows + absmax [+ nested absmax]) / `fsdp_post_all_gather` (the
+gathered pieces rebuilt as one 4-bit weight) hooks; dim-0 shards must end on quantization-block (and, with
+double quantization, 256-block) boundaries so each rank's absmax rows belong to its own codes.
 """
 
 from __future__ import annotations
@@ -373,6 +381,10 @@ def launch(
 
     from cura.config import to_dict
 
+    if "LOCAL_RANK" in os.environ:
+        raise CuraError(
+            "--nproc starts torchrun itself: leave it out when the command already runs under torchrun"
+        )
     if nproc < 1 or nnodes < 1 or not 0 <= node_rank < nnodes:
         raise CuraError(
             f"--nproc {nproc} / --nnodes {nnodes} / --node-rank {node_rank}: need 0 <= rank < nnodes"
