@@ -211,12 +211,14 @@ def test_a_missing_tracker_library_is_one_sentence(tiny_source, tiny_data, tmp_p
 def test_a_failing_tracker_never_stops_training(tiny_source, tiny_data, tmp_path):
     """A real failure (TensorBoard cannot create its folder: a file is in the way) is one warning and the
     run goes on (the fan-out test below: the other trackers too)."""
+    from cura.train import TrainHooks
+
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "tensorboard").write_text("in the way")
     messages: list[str] = []
-    config = make_config(tiny_source, tiny_data, out, max_steps=2, overwrite=True, report_to="tensorboard")
-    result = train(config, say=messages.append)
+    config = make_config(tiny_source, tiny_data, out, max_steps=2, report_to="tensorboard")
+    # the file is put in the way once the run owns its folder (cura never writes over a user's files)
+    in_the_way = TrainHooks(on_model_ready=lambda model, tokenizer: (out / "tensorboard").write_text("x"))
+    result = train(config, hooks=in_the_way, say=messages.append)
     assert result["completed"] and result["steps"] == 2, messages
     warnings = [
         m for m in messages if m.startswith("warning: reporting to tensorboard failed while starting")

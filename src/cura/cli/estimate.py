@@ -74,6 +74,12 @@ def register(sub) -> None:
     p.add_argument(
         "--fit", metavar="MEMORY", default=None, help="a size (12GB, 24GiB) or a GPU name (rtx-4090)"
     )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="data-parallel processes (cura train --nproc): the plan is per process, batch size per process",
+    )
     p.add_argument("--json", action="store_true", help="print the plan (and fit) as JSON")
     p.add_argument("--list", action="store_true", help="list the model names --model knows, and exit")
     p.set_defaults(func=run)
@@ -122,7 +128,9 @@ def run(args) -> int:
     device = args.device or (budget.device if budget and budget.device else "cuda")
     native_bf16 = budget.bf16 if budget else None
     shape = shape_from_source(config.model)
-    spec = plan_spec(config, device, method=method, native_bf16=native_bf16)
+    if args.nproc < 1:
+        raise CuraError(f"--nproc must be at least 1, got {args.nproc}")
+    spec = plan_spec(config, device, method=method, native_bf16=native_bf16, world_size=args.nproc)
     the_plan = plan(shape, spec)
     result = fit(shape, spec, budget.bytes, bf16_ok=native_bf16 is not False) if budget else None
     if args.json:

@@ -35,6 +35,7 @@ examples:
   cura train --data my.jsonl --auto-fit 12GB          # shrink batch / sequence to fit 12 GB
   cura train --data my.jsonl --output runs/mine --resume   # continue an interrupted run
   cura train --data my.jsonl --report-to tensorboard,wandb  # also report to trackers (offline by default)
+  cura train run.yaml --nproc 2                       # data parallel on 2 processes (torchrun under the hood)
 
 Every key of the run's config is a flag below ('--lora.r 8' is the key lora.r); 'cura estimate' takes the
 same flags and prints the memory a run needs before you start it."""
@@ -83,11 +84,23 @@ def register(sub) -> None:
         default=None,
         help="shrink batch size / sequence length so the run fits in MEMORY (e.g. 12GB or a GPU name)",
     )
+    add_launch_flags(p)
     add_config_flags(p, TrainConfig, taken=set(ALIASES))
     p.add_argument(  # the demo only: how many held-out prompts it scores (CI runs a short demo)
         "--demo-prompts", type=int, default=None, help=argparse.SUPPRESS
     )
     p.set_defaults(func=run)
+
+
+def add_launch_flags(p: argparse.ArgumentParser) -> None:
+    """torchrun's own settings (not run settings: a run trained on 2 processes is the same run)."""
+    g = p.add_argument_group("several processes or machines (torchrun; see cura.train.distributed)")
+    g.add_argument(
+        "--nproc", type=int, default=0, help="processes on this machine (one per GPU); 0: this one"
+    )
+    g.add_argument("--nnodes", type=int, default=1, help="machines taking part (with --nproc)")
+    g.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0 .. nnodes-1")
+    g.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of machine 0, where the machines meet")
 
 
 def add_config_flags(p: argparse.ArgumentParser, cls, taken: set[str]) -> None:
@@ -135,6 +148,21 @@ def run(args) -> int:
         from cura.train.autofit import auto_fit
 
         config = auto_fit(config, args.auto_fit)
+    if args.nproc:
+        from cura.errors import CuraError
+        from cura.train.distributed import launch
+
+        if is_demo:
+            raise CuraError(
+                "--nproc trains your data on several processes; add --data FILE (the demo runs on one)"
+            )
+        return launch(
+            config,
+            nproc=args.nproc,
+            nnodes=args.nnodes,
+            node_rank=args.node_rank,
+            rdzv_endpoint=args.rdzv_endpoint,
+        )
     if is_demo:
         from cura.demo import run_demo
 

@@ -217,6 +217,25 @@ def update_buffers(shape: ModelShape, spec: PlanSpec) -> int:
     return largest * (28 if spec.eight_bit else spec.param_bytes)
 
 
+ALL_REDUCE_BUCKET_BYTES = 25 * 2**20
+"""Data parallel: the gradients are summed across processes in flat buffers of at most this size (one tensor
+larger than it travels alone); `cura.train.distributed` reduces with it, as DDP's default bucket of 25 MiB."""
+
+
+def all_reduce_buffers(shape: ModelShape, spec: PlanSpec) -> int:
+    """Data parallel (world_size > 1): after backward every gradient is alive and copied into one flat
+    bucket at a time for the all-reduce (`cura.train.distributed.World.all_reduce_grads`): the larger of
+    min(all gradients, the bucket size) and the largest gradient. The backend's own scratch (gloo's ring
+    chunks, NCCL's channel buffers, allocated outside PyTorch's allocator on a GPU) is not counted."""
+    if spec.world_size <= 1:
+        return 0
+    sizes = trained_sizes(shape, spec)
+    if not sizes:
+        return 0
+    every = sum(sizes) * spec.param_bytes
+    return max(min(every, ALL_REDUCE_BUCKET_BYTES), max(sizes) * spec.param_bytes)
+
+
 # ------------------------------------------------------------------------------------------ overhead
 
 CPU_BASE_BYTES = {4: 33 * MIB, 2: 51 * MIB}

@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from cura.memory.activations import (
+    all_reduce_buffers,
     final_norm_and_gather,
     first_recorded_group,
     framework_overhead,
@@ -59,6 +60,7 @@ from cura.memory.weights import (
 )
 
 __all__ = [  # the terms, importable from here as before the split into weights.py / activations.py
+    "all_reduce_buffers",
     "MemoryPlan",
     "ModelShape",
     "PlanSpec",
@@ -110,7 +112,7 @@ def _activation_phases(shape: ModelShape, spec: PlanSpec) -> dict[str, dict[str,
     recomputed = per_layer if spec.gradient_checkpointing else 0
     first_input = n * shape.hidden_size * spec.e if spec.gradient_checkpointing else 0
     buffers = layer_backward_buffers(shape, spec)
-    return {
+    phases = {
         "loss": {
             "activations": saved + final_norm_and_gather(shape, spec),
             "logits and loss": loss_chunk_bytes(shape, spec) + loss_grad_buffer(shape, spec),
@@ -124,6 +126,13 @@ def _activation_phases(shape: ModelShape, spec: PlanSpec) -> dict[str, dict[str,
         },
         "update": {"activations": 0, "logits and loss": 0, "working buffers": update_buffers(shape, spec)},
     }
+    if spec.world_size > 1:  # between backward and the update: the gradients' all-reduce across processes
+        phases["all_reduce"] = {
+            "activations": 0,
+            "logits and loss": 0,
+            "working buffers": all_reduce_buffers(shape, spec),
+        }
+    return phases
 
 
 _ACTIVATION_FORMULAS: dict[str, Callable[[ModelShape, PlanSpec, str], str]] = {
@@ -134,6 +143,7 @@ _ACTIVATION_FORMULAS: dict[str, Callable[[ModelShape, PlanSpec, str], str]] = {
         + (" + one layer recomputed" if p.gradient_checkpointing else " + every layer's saved tensors"),
         "first_layer": "the first layer's saved tensors",
         "update": "freed before the update",
+        "all_reduce": "freed before the all-reduce",
     }[ph],
     "logits and loss": lambda s, p, ph: (
         f"3 x {p.chunk} tokens x {s.vocab_size} vocab x 4 B (chunked loss)" if ph == "loss" else "not at peak"
@@ -143,6 +153,7 @@ _ACTIVATION_FORMULAS: dict[str, Callable[[ModelShape, PlanSpec, str], str]] = {
         "last_layer": "gradient buffers of one layer's MLP backward",
         "first_layer": "gradient buffers of one layer's MLP backward",
         "update": "optimizer working copies",
+        "all_reduce": "the flat bucket of the gradients' all-reduce across processes",
     }[ph],
 }
 

@@ -15,6 +15,7 @@ PHASES = {
     "last_layer": "backward through the last decoder layer",
     "first_layer": "backward through the first decoder layer",
     "update": "the optimizer update",
+    "all_reduce": "the gradients' all-reduce across processes",
 }
 
 # PlanSpec field -> the TrainConfig key a user sets (`cura train --<key>`)
@@ -44,6 +45,11 @@ def describe_run(p: MemoryPlan) -> str:
         f"{s.compute_dtype} compute, batch {s.batch_size} x {s.seq_len} tokens, checkpointing "
         f"{'on' if s.gradient_checkpointing else 'off'}, loss chunks of {s.loss_chunk_tokens}, "
         f"{'packed' if s.packing else 'unpacked'} batches, device {s.device}"
+        + (
+            f"; per process of {s.world_size} (data parallel: global batch {s.batch_size * s.world_size})"
+            if s.world_size > 1
+            else ""
+        )
     )
 
 

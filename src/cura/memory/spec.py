@@ -53,6 +53,7 @@ class PlanSpec:
     packing: bool
     device: Device
     lora_exclude: tuple[str, ...] = ()
+    world_size: int = 1  # data-parallel processes (`cura train --nproc`); batch_size is per process
 
     def __post_init__(self) -> None:
         checks = (
@@ -65,7 +66,7 @@ class PlanSpec:
         for key, ok, allowed in checks:
             if not ok:
                 raise CuraError(f"planner setting '{key}' is {getattr(self, key)!r}; use one of {allowed}")
-        for key in ("batch_size", "seq_len", "lora_r", "loss_chunk_tokens", "blocksize"):
+        for key in ("batch_size", "seq_len", "lora_r", "loss_chunk_tokens", "blocksize", "world_size"):
             if getattr(self, key) < 1:
                 raise CuraError(f"planner setting '{key}' must be at least 1, got {getattr(self, key)}")
         if self.seq_len < 2:

@@ -189,6 +189,7 @@ def gradients(shape: ModelShape, spec: PlanSpec, phase: str) -> Term:
         "last_layer": head + sum(layer_trained_sizes(shape, spec)),
         "first_layer": every,
         "update": every,
+        "all_reduce": every,
     }[phase]
     where = {"loss": "output layer only", "last_layer": "one layer's"}.get(phase, "all")
     return Term("gradients", n * spec.param_bytes, f"{where}: {n / 1e6:.2f}M params x {spec.param_bytes} B")

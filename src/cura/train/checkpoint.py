@@ -55,6 +55,7 @@ class TrainerState:
     last_eval_loss: float | None = None  # the latest held-out loss measured during training
     bad_streak: int = 0  # non-finite steps in a row (the run stops at config.max_bad_steps)
     skipped: int = 0  # non-finite steps skipped in all
+    world_size: int = 1  # processes that trained it (torchrun ranks); a resume must use as many
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -114,8 +115,10 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler,
     keep: int = 2,
+    extra_rng: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write the checkpoint of `state.step` atomically and prune old ones, keeping the newest `keep`."""
+    """Write the checkpoint of `state.step` atomically and prune old ones, keeping the newest `keep`.
+    `extra_rng`: the other ranks' RNG states (`cura.train.distributed.World.gather_rng`), kept beside ours."""
     root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(root, state.step)
     with atomic_folder(
@@ -124,7 +127,8 @@ def save_checkpoint(
         save_adapter_to(tmp)
         tensors, meta = _optimizer_to_flat(optimizer.state_dict())
         save_file(tensors, str(tmp / "optimizer.safetensors"))
-        save_file({k: v.contiguous() for k, v in rng_state().items()}, str(tmp / "rng.safetensors"))
+        rng = {**rng_state(), **(extra_rng or {})}
+        save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
         record = dict(state.to_json(), optimizer=meta, scheduler=scheduler.state_dict())
         # trainer_state.json is written last: its presence marks the folder as complete.
         (tmp / COMPLETE_MARKER).write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")

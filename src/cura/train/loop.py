@@ -37,6 +37,7 @@ from cura.train.checkpoint import (
     save_checkpoint,
 )
 from cura.train.config import TrainConfig
+from cura.train.distributed import check_same_checkpoint, check_world_size, init_world
 from cura.train.preflight import preflight
 from cura.train.report import (
     MetricsLog,
@@ -50,7 +51,7 @@ from cura.train.report import (
 from cura.train.run import Run, build_run, prepare_process
 from cura.train.rundir import claim_run_folder
 from cura.train.signals import EvalInterrupted, RunSignals, run_signals
-from cura.train.steps import current_memory_bytes, evaluate_loss, peak_memory_bytes
+from cura.train.steps import current_memory_bytes, peak_memory_bytes
 from cura.train.tracking import Tracking, prepare_tracking
 
 Say = Callable[[str], None]
@@ -102,28 +103,37 @@ def train(config: TrainConfig, *, hooks: TrainHooks | None = None, say: Say = _s
     """Fine-tune `config.model` with LoRA on its (4-bit) frozen base; returns the summary and the model."""
     hooks = hooks or TrainHooks()
     started = time.perf_counter()
-    # one owner per folder (a lock for the run's life) and signals handled from load to the last write
-    with run_signals() as signals, claim_run_folder(config, say) as out:
-        # a missing tracker library stops here, before anything loads
-        tracking = prepare_tracking(config, say)
-        preflight(config, default_device())  # the sequence fits the model's context, the plan fits memory
-        device, _ = prepare_process(config, say=say)
-        run = build_run(config, device, say=say)
-        say(describe_model(run))
-        session = Session(out, MetricsLog(out / "metrics.jsonl"), started, tracking=tracking, signals=signals)
-        state = start_or_resume(run, session, say)
-        tracking.start(session.start_step, run_base_spec(run).to_dict(), out)
-        try:
-            if hooks.on_model_ready:
-                hooks.on_model_ready(run.model, run.tokenizer)
-            evaluate_before(run, state, say)
-            signals.phase = "train"
-            run_loop(run, state, session, hooks, say)
-            signals.phase = "save"
-            return finish(run, state, session, say)
-        except BaseException:
-            tracking.close()  # the tracker runs end as failed; a resume reopens them
-            raise
+    world = init_world()  # under torchrun: this rank's place in the job (cura.train.distributed)
+    try:
+        say = world.say(say)  # rank 0 alone speaks
+        # one owner per folder (rank 0 holds its lock for the run's life); signals from load to the last write
+        with run_signals() as signals, claim_run_folder(config, say) as out:
+            world.barrier()  # rank 0 has checked the folder before any rank goes on
+            # a missing tracker library stops here, before anything loads
+            tracking = prepare_tracking(config, say)
+            device = world.device or default_device()
+            preflight(config, device)  # the sequence fits the model's context, the plan fits the memory
+            device, _ = prepare_process(config, device, say=say)
+            run = build_run(config, device, say=say, world=world)
+            say(describe_model(run))
+            session = Session(
+                out, MetricsLog(out / "metrics.jsonl"), started, tracking=tracking, signals=signals
+            )
+            state = start_or_resume(run, session, say)
+            try:
+                if hooks.on_model_ready:
+                    hooks.on_model_ready(run.model, run.tokenizer)
+                tracking.start(session.start_step, run_base_spec(run).to_dict(), out)
+                evaluate_before(run, state, say)
+                signals.phase = "train"
+                run_loop(run, state, session, hooks, say)
+                signals.phase = "save"
+                return finish(run, state, session, say)
+            except BaseException:
+                tracking.close()  # the tracker runs end as failed; a resume reopens them
+                raise
+    finally:
+        world.close()
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -143,15 +153,18 @@ def describe_model(run: Run) -> str:
 def start_or_resume(run: Run, session: Session, say: Say) -> TrainerState:
     """A fresh state (and a fresh metrics.jsonl, config.json, run record), or the latest complete checkpoint
     restored after the run record was checked against this config (`cura.train.resume_check`)."""
-    latest = resumable_checkpoint(session.checkpoints, say) if run.config.resume else None
+    world = run.world
+    latest = resumable_checkpoint(session.checkpoints, say) if run.config.resume and world.is_main else None
+    latest = check_same_checkpoint(world, latest)  # rank 0's choice, readable by every rank
     if latest is None:
         if run.config.resume:
             say(f"no complete checkpoint in {session.checkpoints}: starting a new run")
-        if session.metrics.path.exists():
-            session.metrics.path.unlink()
-        write_json(session.out / "config.json", to_dict(run.config))
-        resume_check.write_run_record(session.out, resume_check.run_record(run.config, run.model))
-        return TrainerState(total_steps=run.total_steps)
+        if world.is_main:
+            if session.metrics.path.exists():
+                session.metrics.path.unlink()
+            write_json(session.out / "config.json", to_dict(run.config))
+            resume_check.write_run_record(session.out, resume_check.run_record(run.config, run.model))
+        return TrainerState(total_steps=run.total_steps, world_size=world.size)
     check_same_base(
         latest,
         run_base_spec(run),
@@ -162,12 +175,16 @@ def start_or_resume(run: Run, session: Session, say: Say) -> TrainerState:
     record, changed = resume_check.check_resume(session.out, run.config, run.model)
     load_adapter(run.model, latest, trainable=True)
     state = load_checkpoint(latest, optimizer=run.optimizer, scheduler=run.scheduler)
+    check_world_size(latest, state.world_size, world)
+    world.restore_rng(latest)  # rank r > 0: its own RNG state (load_checkpoint restored rank 0's)
     state.total_steps = run.total_steps  # the config's, which an allowed change of max_steps may have raised
     resume_check.apply_settings(run, state, changed)
-    resume_check.record_changes(session.out, record, changed, state.step, say)
-    write_json(session.out / "config.json", to_dict(run.config))
+    if world.is_main:
+        resume_check.record_changes(session.out, record, changed, state.step, say)
+        write_json(session.out / "config.json", to_dict(run.config))
     run.stream.epoch, run.stream.index = state.epoch, state.index
-    session.metrics.truncate_after(state.step)
+    if world.is_main:
+        session.metrics.truncate_after(state.step)
     session.start_step = state.step
     say(f"resuming from {latest} (step {state.step} of {state.total_steps})")
     return state
@@ -177,9 +194,7 @@ def evaluate_before(run: Run, state: TrainerState, say: Say) -> None:
     """The base model's held-out loss, once per run (a resumed run keeps the first one)."""
     if state.eval_loss_before is not None:
         return
-    state.eval_loss_before = evaluate_loss(
-        run.model, run.eval_batches, run.device, run.config.loss_chunk_tokens
-    )
+    state.eval_loss_before = run.evaluate()
     if state.eval_loss_before is not None:
         say(f"held-out loss before training: {state.eval_loss_before:.4f}")
 
@@ -190,7 +205,7 @@ def evaluate_before(run: Run, state: TrainerState, say: Say) -> None:
 def run_loop(run: Run, state: TrainerState, session: Session, hooks: TrainHooks, say: Say) -> None:
     """Optimizer steps until `total_steps`, or until a stop signal (recorded in `session.interrupted`)."""
     run.model.train()
-    progress = progress_bar(run.config.progress, state.total_steps, state.step)
+    progress = progress_bar(run.config.progress and run.world.is_main, state.total_steps, state.step)
     try:
         stop = session.signals
         while state.step < state.total_steps:
@@ -198,8 +213,10 @@ def run_loop(run: Run, state: TrainerState, session: Session, hooks: TrainHooks,
             stop_if_diverged(run, state, session)
             evaluate_during(run, state, row)
             log_step(run, state, session, row, progress, hooks)
-            if stop:
-                session.interrupted = stop.requested
+            session.interrupted = run.world.agree_stop(
+                stop.requested if stop else None
+            )  # any rank's stops all
+            if session.interrupted:
                 return
             if checkpoint_due(run.config, state):
                 save_run_checkpoint(run, state, session)
@@ -246,12 +263,13 @@ def stop_if_diverged(run: Run, state: TrainerState, session: Session) -> None:
 def evaluate_during(run: Run, state: TrainerState, row: dict[str, Any]) -> None:
     every = run.config.eval_every
     if every and state.step % every == 0 and state.step < state.total_steps:
-        loss = evaluate_loss(run.model, run.eval_batches, run.device, run.config.loss_chunk_tokens)
+        loss = run.evaluate()
         row["eval_loss"] = state.last_eval_loss = loss
 
 
 def log_step(run: Run, state: TrainerState, session: Session, row: dict, progress, hooks: TrainHooks) -> None:
-    if state.step % run.config.log_every == 0 or state.step == state.total_steps:
+    logged = state.step % run.config.log_every == 0 or state.step == state.total_steps
+    if logged and run.world.is_main:
         session.metrics.append(row)
         session.tracking.log(row)
     progress.update(1)
@@ -283,7 +301,12 @@ def run_base_spec(run: Run) -> BaseSpec:
     )
 
 
-def save_run_checkpoint(run: Run, state: TrainerState, session: Session) -> Path:
+def save_run_checkpoint(run: Run, state: TrainerState, session: Session) -> Path | None:
+    """The checkpoint of this step, written by rank 0 with every rank's RNG state (every rank calls this:
+    gathering the RNG states is a collective); None on the other ranks."""
+    other_ranks_rng = run.world.gather_rng()
+    if not run.world.is_main:
+        return None
     return save_checkpoint(
         session.checkpoints,
         state,
@@ -291,6 +314,7 @@ def save_run_checkpoint(run: Run, state: TrainerState, session: Session) -> Path
         optimizer=run.optimizer,
         scheduler=run.scheduler,
         keep=run.config.keep_checkpoints,
+        extra_rng=other_ranks_rng,
     )
 
 
@@ -303,17 +327,20 @@ def finish(run: Run, state: TrainerState, session: Session, say: Say) -> TrainRe
         last_ckpt = save_run_checkpoint(run, state, session)
     else:
         last_ckpt = latest_checkpoint(session.checkpoints)
-    if session.interrupted:
+    if session.interrupted and run.world.is_main:
         say(
             f"stopped by {session.interrupted} after step {state.step} of {state.total_steps}; checkpoint saved "
             f"in {last_ckpt}. Resume with the same command plus --resume (output folder {session.out})"
         )
     adapter_dir = session.out / "adapter"
-    with atomic_folder(adapter_dir) as tmp:  # a crash leaves the previous adapter, never half of one
-        save_run_adapter(run, tmp)
-    eval_after = evaluate_after(run, session)
+    if run.world.is_main:  # the adapter is saved before the last eval, which a signal may cut short
+        with atomic_folder(adapter_dir) as tmp:  # a crash leaves the previous adapter, never half of one
+            save_run_adapter(run, tmp)
+    eval_after = evaluate_after(run, session)  # every rank takes part
     if session.signals is not None:
         session.signals.phase = "save"
+    if not run.world.is_main:  # rank 0 writes the adapter and the summary
+        return worker_result(run, state, session)
     rows = session.metrics.read()
     summary = run_summary(run, state, session, rows, eval_after)
     report_stall(run, rows, summary, say)
@@ -339,7 +366,7 @@ def evaluate_after(run: Run, session: Session) -> float | None:
     if session.signals is not None:
         session.signals.phase = "eval"
     try:
-        return evaluate_loss(run.model, run.eval_batches, run.device, run.config.loss_chunk_tokens)
+        return run.evaluate()  # split over the ranks of a distributed run
     except EvalInterrupted as exc:
         session.interrupted = str(exc)
         return None
@@ -355,6 +382,18 @@ def report_stall(run: Run, rows: list[dict], summary: dict[str, Any], say: Say) 
         )
         summary.setdefault("warnings", []).append(warning)
         say(f"warning: {warning}")
+
+
+def worker_result(run: Run, state: TrainerState, session: Session) -> TrainResult:
+    """What a rank other than 0 returns: how its run ended (rank 0 has the full summary)."""
+    result = TrainResult(
+        steps=state.step,
+        completed=not session.interrupted and state.step >= state.total_steps,
+        interrupted_by=session.interrupted,
+        rank=run.world.rank,
+    )
+    result.model, result.tokenizer, result.output_dir = run.model, run.tokenizer, session.out
+    return result
 
 
 def run_summary(
@@ -387,5 +426,11 @@ def run_summary(
         "train_samples": len(data.train_set),
         "eval_samples": len(data.eval_set) if data.eval_set is not None else 0,
         "device": str(run.device),
+        "world_size": run.world.size,
+        "communication_seconds_per_step": (
+            run.world.comm_seconds / max(1, state.step - session.start_step)
+            if run.world.distributed
+            else None
+        ),
         "compute_dtype": str(run.compute_dtype).removeprefix("torch."),
     }

@@ -11,7 +11,12 @@ from cura.train.config import TrainConfig
 
 
 def plan_spec(
-    config: TrainConfig, device: str, *, method: str | None = None, native_bf16: bool | None = None
+    config: TrainConfig,
+    device: str,
+    *,
+    method: str | None = None,
+    native_bf16: bool | None = None,
+    world_size: int = 1,
 ) -> PlanSpec:
     """Every input comes from `config`; `device` is "cpu" or "cuda", `method` may be "full" (which
     TrainConfig does not train but the planner compares against), `native_bf16` says whether the device has
@@ -34,4 +39,5 @@ def plan_spec(
         loss_chunk_tokens=config.loss_chunk_tokens,
         packing=config.data.packing,
         device=device,
+        world_size=world_size,
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,6 +33,7 @@ from cura.nn import Linear4bit
 from cura.optim import PagedAdamW
 from cura.train.autofit import apply_cpu_malloc
 from cura.train.config import TrainConfig
+from cura.train.distributed import World, evaluate_loss_over_ranks, reseed_per_rank, shard_batches
 from cura.train.steps import enable_activation_checkpointing, lr_lambda, optimizer_step
 
 Say = Callable[[str], None]
@@ -99,6 +100,9 @@ class Run:
     data: RunData | None = None
     stream: BatchStream | None = None  # training micro-batches (None without data)
     eval_batches: Sequence[Batch] = ()  # the held-out batches (a lazy sequence)
+    world: World = field(
+        default_factory=World
+    )  # this process's rank among torchrun's (one process: rank 0 of 1)
 
     def step(self, micro_batches: list[Batch]) -> dict[str, Any]:
         """One optimizer step over `micro_batches` (`cura.train.steps.optimizer_step`)."""
@@ -111,6 +115,14 @@ class Run:
             chunk_tokens=self.config.loss_chunk_tokens,
             max_grad_norm=self.config.max_grad_norm,
             device=self.device,
+            world=self.world if self.world.distributed else None,
+        )
+
+    def evaluate(self) -> float | None:
+        """The held-out loss (token-weighted) over `eval_batches`; under torchrun each rank scores every
+        world.size-th batch and the sums are all-reduced (`cura.train.distributed.evaluate_loss_over_ranks`)."""
+        return evaluate_loss_over_ranks(
+            self.world, self.model, self.eval_batches, self.device, self.config.loss_chunk_tokens
         )
 
     def parameter_counts(self) -> tuple[int, int]:
@@ -203,17 +215,34 @@ def total_steps(config: TrainConfig, batches_per_epoch: int | None) -> int:
     return max(1, math.ceil(config.epochs * steps_per_epoch))
 
 
-def build_run(config: TrainConfig, device: torch.device, *, with_data: bool = True, say: Say = _say) -> Run:
-    """The run's model, optimizer, schedule and data streams (see the module docstring)."""
+def build_run(
+    config: TrainConfig,
+    device: torch.device,
+    *,
+    with_data: bool = True,
+    say: Say = _say,
+    world: World | None = None,
+) -> Run:
+    """The run's model, optimizer, schedule and data streams (see the module docstring). Under torchrun
+    (`world`) every rank starts from rank 0's adapters and reads its rows of each global micro-batch of
+    batch_size * world.size sequences (`cura.train.distributed`)."""
+    world = world or World()
     compute_dtype = resolve_compute_dtype(config.compute_dtype, device)
     tokenizer, data = load_data(config, say) if with_data else (None, None)
     model, kind, targets = build_model(config, device, compute_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
+    world.broadcast_params(params)
+    reseed_per_rank(world, config.seed)
     optimizer = make_optimizer(config, params)
     stream, eval_batches, per_epoch = None, [], None
     if data is not None:
-        stream = BatchStream(lambda epoch: epoch_batches(config, data.train_set, tokenizer, epoch))
-        per_epoch = len(epoch_batches(config, data.train_set, tokenizer, 0))
+        global_config = config.replace(batch_size=config.batch_size * world.size)
+        stream = BatchStream(
+            lambda epoch: shard_batches(
+                world, epoch_batches(global_config, data.train_set, tokenizer, epoch), config.batch_size
+            )
+        )
+        per_epoch = len(epoch_batches(global_config, data.train_set, tokenizer, 0))
         if data.eval_set is not None and len(data.eval_set):
             eval_batches = epoch_batches(config, data.eval_set, tokenizer, 0)
         if config.eval_batches:
@@ -235,4 +264,5 @@ def build_run(config: TrainConfig, device: torch.device, *, with_data: bool = Tr
         data=data,
         stream=stream,
         eval_batches=eval_batches,
+        world=world,
     )

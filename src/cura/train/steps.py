@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import math
 import resource
-import signal
 import sys
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -77,16 +75,34 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 def optimizer_step(
-    model, micro_batches, optimizer, scheduler, params, *, chunk_tokens: int, max_grad_norm: float, device
+    model,
+    micro_batches,
+    optimizer,
+    scheduler,
+    params,
+    *,
+    chunk_tokens: int,
+    max_grad_norm: float,
+    device,
+    world=None,
 ) -> dict:
     """Forward and backward over the micro-batches (loss normalised by the step's trained tokens), clip, and
-    step the optimizer unless the loss or gradient norm is not finite; the schedule advances either way."""
+    step the optimizer unless the loss or gradient norm is not finite; the schedule advances either way.
+
+    Under torchrun (`world`, a `cura.train.distributed.World`) the token counts, the loss and the gradients
+    are summed over the ranks, so the step is that of one process reading every rank's micro-batches."""
     n_trained = sum(count_trained_tokens(b) for b in micro_batches)
+    n_input = sum(count_input_tokens(b) for b in micro_batches)
+    if world is not None:
+        n_trained, n_input = (int(x) for x in world.sum([n_trained, n_input]))
     loss_total = 0.0
     for batch in micro_batches:
         s, _ = loss_sum(model, to_device(batch, device), chunk_tokens)
         (s / max(n_trained, 1)).backward()
         loss_total += float(s.detach())
+    if world is not None:
+        (loss_total,) = world.sum([loss_total])
+        world.all_reduce_grads(params)
     loss = loss_total / max(n_trained, 1)
     max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -103,7 +119,7 @@ def optimizer_step(
         "lr": lr,
         "finite": finite,
         "trained_tokens": n_trained,
-        "input_tokens": sum(count_input_tokens(b) for b in micro_batches),
+        "input_tokens": n_input,
     }
 
 
@@ -167,42 +183,3 @@ def current_memory_bytes(device: torch.device) -> int:
             return int(f.read().split()[1]) * resource.getpagesize()
     except OSError:
         return peak_memory_bytes(device)
-
-
-class StopFlag:
-    """Set by SIGINT/SIGTERM: the loop finishes its step, saves and exits cleanly. A second signal aborts."""
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-
-    def __bool__(self) -> bool:
-        return self.requested is not None
-
-
-@contextmanager
-def graceful_stop():
-    flag = StopFlag()
-    signals = [signal.SIGINT, signal.SIGTERM]
-    previous = {}
-
-    def handler(signum, frame):
-        if flag.requested:  # second signal: stop now
-            raise KeyboardInterrupt
-        flag.requested = signal.Signals(signum).name
-        print(
-            f"\n{flag.requested} received: finishing this step and saving a checkpoint "
-            "(send it again to abort without saving)",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    try:
-        for s in signals:
-            previous[s] = signal.signal(s, handler)
-    except ValueError:  # not the main thread: no signal handling
-        previous = {}
-    try:
-        yield flag
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)

@@ -1,0 +1,132 @@
+"""Data parallel on this machine: one process at batch 2b vs `cura train --nproc 2` at batch b per process.
+
+A random Llama (hidden 256, 4 layers, vocabulary of the tiny ChatML tokenizer) saved to a temporary folder,
+the demo's order data, float32, LoRA r=8, gradient checkpointing, the same global batch and steps on both
+sides. Reported from each run's summary.json: rank 0's peak resident memory (every rank holds the whole 4-bit
+base, so the others are the same size), median seconds per step, and for 2 processes the seconds per step
+spent in collectives (token counts, loss, the bucketed LoRA-gradient all-reduce, the stop flag; it includes
+waiting for the slower rank). Losses of both sides are compared step by step (they should agree to float32
+rounding). FSDP (sharding the base) is not implemented, so it has no row.
+
+On a GPU machine the same script runs the processes on GPUs when CUDA is present (nccl); this was not run
+here. Usage: python bench/distributed.py [--steps 20]   -> bench/results/distributed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from cura.atomic import write_json
+from cura.hardware import describe_machine
+
+REPO = Path(__file__).resolve().parents[1]
+PER_RANK_BATCH, SEQ = 2, 128
+
+
+def make_model(folder: Path) -> None:
+    """A random Llama with the tiny tokenizer of the tests (no download)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+def run(model: Path, out: Path, steps: int, nproc: int) -> dict:
+    args = [
+        sys.executable,
+        "-m",
+        "cura",
+        "train",
+        "--model",
+        str(model),
+        "--data",
+        str(REPO / "src" / "cura" / "demo" / "orders_train.jsonl"),
+        "--output",
+        str(out),
+        "--seq-len",
+        str(SEQ),
+        "--batch-size",
+        str(PER_RANK_BATCH * (2 if nproc == 1 else 1)),
+        "--max-steps",
+        str(steps),
+        "--lora.r",
+        "8",
+        "--lora.dropout",
+        "0",
+        "--compute-dtype",
+        "float32",
+        "--save-every",
+        "0",
+        "--progress",
+        "false",
+    ]
+    if nproc > 1:
+        args += ["--nproc", str(nproc)]
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
+    subprocess.run(args, check=True, env=env, capture_output=True, text=True, timeout=1800)
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "processes": nproc,
+        "batch_per_process": PER_RANK_BATCH * (2 if nproc == 1 else 1),
+        "global_batch": PER_RANK_BATCH * 2,
+        "peak_memory_bytes_rank0": summary["peak_memory_bytes"],
+        "median_seconds_per_step": statistics.median(r["seconds"] for r in rows[1:]),
+        "communication_seconds_per_step": summary.get("communication_seconds_per_step"),
+        "losses": [r["loss"] for r in rows],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        make_model(tmp / "model")
+        one = run(tmp / "model", tmp / "one", args.steps, 1)
+        two = run(tmp / "model", tmp / "two", args.steps, 2)
+    worst = max(abs(a - b) / abs(b) for a, b in zip(two["losses"], one["losses"], strict=True))
+    result = {
+        "machine": describe_machine(),
+        "note": "CPU, gloo, OMP_NUM_THREADS=1 per process, taken on a shared machine under load: compare "
+        "ratios from this run, not absolute times; FSDP not implemented; GPUs not run",
+        "settings": {"seq_len": SEQ, "steps": args.steps, "model": "random Llama, hidden 256, 4 layers"},
+        "one_process": one,
+        "two_processes": two,
+        "peak_memory_ratio_two_over_one": two["peak_memory_bytes_rank0"] / one["peak_memory_bytes_rank0"],
+        "step_time_ratio_two_over_one": two["median_seconds_per_step"] / one["median_seconds_per_step"],
+        "max_relative_loss_difference": worst,
+    }
+    write_json(REPO / "bench" / "results" / "distributed.json", result)
+    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
