@@ -24,6 +24,7 @@ from cura.constants import (
 )
 from cura.data import DataConfig
 from cura.errors import CuraError
+from cura.train.preference_config import PreferenceConfig
 
 Method = Literal["qlora", "lora"]
 Optimizer = Literal["paged_adamw", "paged_adamw_8bit", "adamw"]
@@ -31,6 +32,7 @@ Schedule = Literal["cosine", "constant", "linear"]
 DType = Literal[COMPUTE_DTYPES]  # a tuple subscript is the same Literal as its items written out
 QuantType = Literal[QUANT_TYPES]
 Malloc = Literal["auto", "fast", "tight"]
+Objective = Literal["sft", "dpo", "orpo", "kto"]  # cura.train.preference_config.OBJECTIVES
 
 
 @dataclass
@@ -53,6 +55,9 @@ class TrainConfig:
     """dtype of the matmuls; auto: bfloat16 where the hardware has it natively, else float32"""
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    objective: Objective = "sft"
+    """sft (next-token loss on the answers), or preference tuning on pairs: dpo, orpo; kto on labelled answers"""
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     optimizer: Optimizer = "paged_adamw"
     """paged AdamW with 32-bit or 8-bit state, or torch's AdamW"""
     lr: float = 2e-4

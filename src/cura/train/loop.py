@@ -46,7 +46,8 @@ from cura.train.report import (
     write_summary,
 )
 from cura.train.run import Run, build_run, prepare_process
-from cura.train.steps import current_memory_bytes, evaluate_loss, graceful_stop, peak_memory_bytes
+from cura.train.preference_report import preference_summary
+from cura.train.steps import current_memory_bytes, graceful_stop, peak_memory_bytes
 
 Say = Callable[[str], None]
 
@@ -166,9 +167,7 @@ def evaluate_before(run: Run, state: TrainerState, say: Say) -> None:
     """The base model's held-out loss, once per run (a resumed run keeps the first one)."""
     if state.eval_loss_before is not None:
         return
-    state.eval_loss_before = evaluate_loss(
-        run.model, run.eval_batches, run.device, run.config.loss_chunk_tokens
-    )
+    state.eval_loss_before, state.eval_metrics_before = run.evaluate()
     if state.eval_loss_before is not None:
         say(f"held-out loss before training: {state.eval_loss_before:.4f}")
 
@@ -231,8 +230,9 @@ def stop_if_diverged(run: Run, state: TrainerState, session: Session) -> None:
 def evaluate_during(run: Run, state: TrainerState, row: dict[str, Any]) -> None:
     every = run.config.eval_every
     if every and state.step % every == 0 and state.step < state.total_steps:
-        loss = evaluate_loss(run.model, run.eval_batches, run.device, run.config.loss_chunk_tokens)
+        loss, metrics = run.evaluate()
         row["eval_loss"] = state.last_eval_loss = loss
+        row.update({f"eval_{k}": v for k, v in metrics.items()})
 
 
 def log_step(run: Run, state: TrainerState, session: Session, row: dict, progress, hooks: TrainHooks) -> None:
@@ -295,11 +295,13 @@ def finish(run: Run, state: TrainerState, session: Session, say: Say) -> TrainRe
     adapter_dir = session.out / "adapter"
     with atomic_folder(adapter_dir) as tmp:  # a crash leaves the previous adapter, never half of one
         save_run_adapter(run, tmp)
-    eval_after = None
+    eval_after, metrics_after = None, {}
     if not session.interrupted:
-        eval_after = evaluate_loss(run.model, run.eval_batches, run.device, run.config.loss_chunk_tokens)
+        eval_after, metrics_after = run.evaluate()
     rows = session.metrics.read()
     summary = run_summary(run, state, session, rows, eval_after)
+    if run.config.objective != "sft":
+        summary.update(preference_summary(run.config, state.eval_metrics_before, metrics_after))
     summary["adapter_dir"] = str(adapter_dir)
     summary["checkpoint"] = str(last_ckpt) if last_ckpt else None
     write_summary(session.out / "summary.json", summary)
