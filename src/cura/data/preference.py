@@ -509,11 +509,16 @@ def preference_batch(samples: Sequence[dict], indices: list[int], max_length: in
 def preference_batches(
     dataset: Sequence[dict], *, batch_size: int, max_length: int, seed: int, epoch: int, pad_token_id, shuffle=True
 ) -> Batches:
-    """The batches of one epoch in the order fixed by (seed, epoch) (file order with `shuffle=False`)."""
+    """The batches of one epoch in the order fixed by (seed, epoch) (file order with `shuffle=False`). KTO
+    batches are the fixed groups of `batch_size` rows its KL partners come from, in a shuffled order."""
     if batch_size < 1:
         raise CuraError(f"batch_size {batch_size} must be >= 1")
     pad = 0 if pad_token_id is None else int(pad_token_id)
-    order = epoch_order(len(dataset), seed, epoch) if shuffle else list(range(len(dataset)))
+    kto = len(dataset) > 0 and "chosen_ids" not in dataset[0]
+    if kto or not shuffle:  # KTO: the fixed groups its KL partners were drawn from (TRL: sequential)
+        order = list(range(len(dataset)))
+    else:
+        order = epoch_order(len(dataset), seed, epoch)
     groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if shuffle:
         random.Random(seed * 1_000_003 + epoch + 2).shuffle(groups)
