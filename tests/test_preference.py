@@ -18,7 +18,6 @@ from cura.adapters import LoraConfig, attach_lora, lora_disabled, lora_layers
 from cura.data import DataConfig
 from cura.data.preference import (
     assign_kl_partners,
-    build_preference_datasets,
     encode_preference_row,
     preference_batch,
     read_preference_rows,
@@ -103,9 +102,17 @@ def trl_trainer(kind, policy, reference, tokenizer, tmp_path, **args):
         from trl import KTOConfig as Config
         from trl import KTOTrainer as Trainer
 
-        rows = [{"prompt": "a", "completion": "b", "label": True}, {"prompt": "c", "completion": "d", "label": False}]
+        rows = [
+            {"prompt": "a", "completion": "b", "label": True},
+            {"prompt": "c", "completion": "d", "label": False},
+        ]
     config = Config(
-        output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False, **args
+        output_dir=str(tmp_path / "trl"),
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        **args,
     )
     return Trainer(
         model=policy,
@@ -120,7 +127,12 @@ def trl_trainer(kind, policy, reference, tokenizer, tmp_path, **args):
     "loss_type, smoothing, trl_loss, pairs",
     [
         ("sigmoid", 0.0, "sigmoid", 4),
-        ("sigmoid", 0.2, "aot", 1),  # TRL 1.16 keeps cDPO's smoothing in "aot", whose sort is the identity on 1 pair
+        (
+            "sigmoid",
+            0.2,
+            "aot",
+            1,
+        ),  # TRL 1.16 keeps cDPO's smoothing in "aot", whose sort is the identity on 1 pair
         ("ipo", 0.0, "ipo", 4),
         ("robust", 0.2, "robust", 4),
     ],
@@ -131,7 +143,14 @@ def test_dpo_losses_and_gradients_match_trl(tiny, tmp_path, loss_type, smoothing
     cfg = PreferenceConfig(beta=0.3, dpo_loss=loss_type, label_smoothing=smoothing)
     ours = backward(policy, pair_losses("dpo", cfg, policy, batch, chunk_tokens=7)["losses"].mean())
     trainer = trl_trainer(
-        "dpo", policy, reference, tokenizer, tmp_path, beta=0.3, loss_type=[trl_loss], label_smoothing=smoothing
+        "dpo",
+        policy,
+        reference,
+        tokenizer,
+        tmp_path,
+        beta=0.3,
+        loss_type=[trl_loss],
+        label_smoothing=smoothing,
     )
     inputs = {
         "input_ids": batch["input_ids"],
@@ -219,7 +238,9 @@ def test_reference_is_the_base_with_the_adapter_off(tiny_source, chat_tokenizer)
     # the chunked sums equal full-logits log-probs of the scored tokens
     logits = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     mask = batch["labels"][:, 1:] != -100
-    token = torch.gather(logits[:, :-1].log_softmax(-1), 2, batch["labels"][:, 1:].clamp(min=0)[..., None])[..., 0]
+    token = torch.gather(logits[:, :-1].log_softmax(-1), 2, batch["labels"][:, 1:].clamp(min=0)[..., None])[
+        ..., 0
+    ]
     torch.testing.assert_close(expected, (token * mask).sum(1), rtol=1e-5, atol=1e-4)
     assert torch.equal(counts, mask.sum(1))
 
@@ -228,7 +249,9 @@ def test_reference_is_the_base_with_the_adapter_off(tiny_source, chat_tokenizer)
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    path.write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8"
+    )
     return path
 
 
@@ -246,20 +269,28 @@ def test_every_pair_shape_reads_to_the_same_rows(tmp_path):
             "chosen": {"from": "gpt", "value": c},
             "rejected": {"from": "gpt", "value": r},
         },
-        "hh_pairs": {"chosen": f"\n\nHuman: {p}\n\nAssistant: {c}", "rejected": f"\n\nHuman: {p}\n\nAssistant: {r}"},
+        "hh_pairs": {
+            "chosen": f"\n\nHuman: {p}\n\nAssistant: {c}",
+            "rejected": f"\n\nHuman: {p}\n\nAssistant: {r}",
+        },
     }
     for shape, record in shapes.items():
         (row,) = read_preference_rows(write_jsonl(tmp_path / f"{shape}.jsonl", [record]), paired=True)
         assert row["shape"] == shape
         assert (row["prompt"], row["chosen"], row["rejected"]) == ([user], c, r)
     hh = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: " + p + "\n\nAssistant: "
-    (row,) = read_preference_rows(write_jsonl(tmp_path / "hh2.jsonl", [{"chosen": hh + c, "rejected": hh + r}]), True)
+    (row,) = read_preference_rows(
+        write_jsonl(tmp_path / "hh2.jsonl", [{"chosen": hh + c, "rejected": hh + r}]), True
+    )
     assert [m["role"] for m in row["prompt"]] == ["user", "assistant", "user"] and row["chosen"] == c
     kto = [
         {"messages": [user, {"role": "assistant", "content": c}], "label": True},
         {"prompt": p, "completion": r, "label": "false"},
     ]
-    rows = [read_preference_rows(write_jsonl(tmp_path / f"k{i}.jsonl", [k]), paired=False)[0] for i, k in enumerate(kto)]
+    rows = [
+        read_preference_rows(write_jsonl(tmp_path / f"k{i}.jsonl", [k]), paired=False)[0]
+        for i, k in enumerate(kto)
+    ]
     assert [(x["shape"], x["completion"], x["label"]) for x in rows] == [
         ("kto_messages", c, True),
         ("kto_completion", r, False),
@@ -347,7 +378,11 @@ def pref_data(tmp_path_factory):
     ]  # fmt: skip
     write_jsonl(folder / "pairs.jsonl", pairs[:10])
     write_jsonl(folder / "pairs_eval.jsonl", pairs[10:])
-    kto = [{"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"} for p in pairs for k in ("chosen", "rejected")]
+    kto = [
+        {"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"}
+        for p in pairs
+        for k in ("chosen", "rejected")
+    ]
     write_jsonl(folder / "kto.jsonl", kto[:20])
     write_jsonl(folder / "kto_eval.jsonl", kto[20:])
     return folder
@@ -359,12 +394,13 @@ def pref_config(source, data, out, objective, **overrides) -> TrainConfig:
         model=source,
         output_dir=str(out),
         objective=objective,
-        data=DataConfig(path=str(data / f"{name}.jsonl"), eval_path=str(data / f"{name}_eval.jsonl"), max_length=96),
+        data=DataConfig(
+            path=str(data / f"{name}.jsonl"), eval_path=str(data / f"{name}_eval.jsonl"), max_length=96
+        ),
         lora=LoraConfig(r=4, alpha=8.0, dropout=0.1),
         lr=5e-3,
         max_steps=4,
         batch_size=2,
-        grad_accum=2,
         save_every=2,
         progress=False,
         seed=3,
@@ -376,14 +412,20 @@ def pref_config(source, data, out, objective, **overrides) -> TrainConfig:
 
 def metric_rows(out: Path) -> list[dict]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in ("seconds", "tokens_per_second", "memory_bytes")} for r in rows]
+    return [
+        {k: v for k, v in r.items() if k not in ("seconds", "tokens_per_second", "memory_bytes")}
+        for r in rows
+    ]
 
 
 @pytest.mark.parametrize(
-    "objective, precompute", [("dpo", False), ("dpo", True), ("orpo", False), ("kto", True)]
+    "objective, precompute, grad_accum",
+    [("dpo", False, 2), ("dpo", True, 1), ("orpo", False, 1), ("kto", True, 1)],
 )
-def test_preference_run_resumes_exactly(tiny_source, pref_data, tmp_path, objective, precompute):
-    overrides = dict(preference=PreferenceConfig(beta=0.5, precompute_reference=precompute))
+def test_preference_run_resumes_exactly(tiny_source, pref_data, tmp_path, objective, precompute, grad_accum):
+    overrides = dict(
+        preference=PreferenceConfig(beta=0.5, precompute_reference=precompute), grad_accum=grad_accum
+    )
     reference = tmp_path / "reference"
     full = train(pref_config(tiny_source, pref_data, reference, objective, **overrides))
     rows = metric_rows(reference)
@@ -391,7 +433,9 @@ def test_preference_run_resumes_exactly(tiny_source, pref_data, tmp_path, object
     assert all(r["rewards/chosen"] is not None and r["rewards/margins"] is not None for r in rows)
     if objective != "kto":
         assert 0.0 <= rows[-1]["rewards/accuracies"] <= 1.0
-        assert full["eval_preference_accuracy_before"] is not None and full["eval_logp_margin_after"] is not None
+        assert (
+            full["eval_preference_accuracy_before"] is not None and full["eval_logp_margin_after"] is not None
+        )
         if objective == "dpo":  # the base is the reference: its rewards are 0 before training
             assert full["eval_preference_before"]["rewards/margins"] == 0.0
 
@@ -402,9 +446,12 @@ def test_preference_run_resumes_exactly(tiny_source, pref_data, tmp_path, object
             os.kill(os.getpid(), signal.SIGINT)
 
     first = train(
-        pref_config(tiny_source, pref_data, out, objective, **overrides), hooks=TrainHooks(on_step_end=interrupt_at_2)
+        pref_config(tiny_source, pref_data, out, objective, **overrides),
+        hooks=TrainHooks(on_step_end=interrupt_at_2),
     )
-    assert first["interrupted_by"] == "SIGINT" and latest_checkpoint(out / "checkpoints").name == "step-000002"
+    assert (
+        first["interrupted_by"] == "SIGINT" and latest_checkpoint(out / "checkpoints").name == "step-000002"
+    )
     resumed = train(pref_config(tiny_source, pref_data, out, objective, resume=True, **overrides))
     assert resumed["completed"] and metric_rows(out) == rows
     assert resumed["eval_preference_before"] == full["eval_preference_before"]

@@ -90,7 +90,9 @@ def _turns(items, key_role: str, key_text: str, column: str) -> Messages:
             raise RowError(f"{column}[{i}] needs {key_role!r} and {key_text!r} keys")
         role = ROLE_ALIASES.get(str(item[key_role]).lower())
         if role is None:
-            raise RowError(f"{column}[{i}] has unknown role {item[key_role]!r} (use system, user or assistant)")
+            raise RowError(
+                f"{column}[{i}] has unknown role {item[key_role]!r} (use system, user or assistant)"
+            )
         out.append({"role": role, "content": _text(item[key_text], f"{column}[{i}] content")})
     return out
 
@@ -158,7 +160,9 @@ def from_message_pairs(record: dict) -> dict:
         )
     for column, turns in (("chosen", chosen), ("rejected", rejected)):
         if turns[-1]["role"] != "assistant":
-            raise RowError(f"the last turn of {column!r} is {turns[-1]['role']!r}, not the assistant's answer")
+            raise RowError(
+                f"the last turn of {column!r} is {turns[-1]['role']!r}, not the assistant's answer"
+            )
     return {
         "prompt": _check_prompt(chosen[:n], "the common turns of chosen/rejected"),
         "chosen": chosen[-1]["content"],
@@ -176,7 +180,7 @@ def from_sharegpt_pairs(record: dict) -> dict:
 
 
 def parse_hh(text: str, column: str) -> Messages:
-    """"\\n\\nHuman: a\\n\\nAssistant: b ..." -> [{role, content}], ending with the assistant's answer."""
+    """ "\\n\\nHuman: a\\n\\nAssistant: b ..." -> [{role, content}], ending with the assistant's answer."""
     text = _text(text, column)
     body = text if text.startswith("\n\n") else "\n\n" + text.lstrip("\n")
     if not body.startswith(HH_HUMAN):
@@ -243,7 +247,9 @@ SHAPES = {
 }
 
 
-def normalize_preference(record, paired: bool, fields: dict[str, str], system_prompt: str | None, wanted=None):
+def normalize_preference(
+    record, paired: bool, fields: dict[str, str], system_prompt: str | None, wanted=None
+):
     """`(shape, row)` for one record; RowError with what is wrong and how to fix it."""
     if not isinstance(record, dict):
         raise RowError(f"the row is {type(record).__name__}, not an object with named fields")
@@ -275,7 +281,9 @@ def read_preference_rows(
         try:
             if isinstance(record, BadRecord):
                 raise RowError(record.message)
-            shape, row = normalize_preference(record, paired, fields or {}, system_prompt, file_shape.get(file))
+            shape, row = normalize_preference(
+                record, paired, fields or {}, system_prompt, file_shape.get(file)
+            )
             file_shape.setdefault(file, shape)
         except RowError as exc:
             bad += 1
@@ -402,7 +410,9 @@ class PreferenceReport:
     template: str = field(default="", repr=False)
 
     def __str__(self) -> str:
-        template = "fallback ChatML (the tokenizer has none)" if self.template_is_fallback else "the model's own"
+        template = (
+            "fallback ChatML (the tokenizer has none)" if self.template_is_fallback else "the model's own"
+        )
         kind = "pairs" if "pairs" in self.format else "labelled answers"
         dropped = ", ".join(f"{n} {why}" for why, n in self.dropped.items()) or "none"
         return (
@@ -413,7 +423,9 @@ class PreferenceReport:
         )
 
 
-def encode_preference_rows(tokenizer, template, rows, config: DataConfig, tally: Counter) -> PreferenceDataset:
+def encode_preference_rows(
+    tokenizer, template, rows, config: DataConfig, tally: Counter
+) -> PreferenceDataset:
     samples = []
     for row in rows:
         sample, status = encode_preference_row(tokenizer, template, row, config)
@@ -441,7 +453,9 @@ def build_preference_datasets(config: DataConfig, tokenizer, *, paired: bool, ba
     train = encode_preference_rows(tokenizer, template, train_rows, config, tally)
     evaluation = encode_preference_rows(tokenizer, template, eval_rows, config, tally) if eval_rows else None
     if not len(train):
-        raise CuraError(f"no training example is left from {config.path} ({dict(tally)}); raise data.max_length")
+        raise CuraError(
+            f"no training example is left from {config.path} ({dict(tally)}); raise data.max_length"
+        )
     if not paired:
         for dataset in (train, evaluation):
             if dataset is not None:
@@ -507,7 +521,14 @@ def preference_batch(samples: Sequence[dict], indices: list[int], max_length: in
 
 
 def preference_batches(
-    dataset: Sequence[dict], *, batch_size: int, max_length: int, seed: int, epoch: int, pad_token_id, shuffle=True
+    dataset: Sequence[dict],
+    *,
+    batch_size: int,
+    max_length: int,
+    seed: int,
+    epoch: int,
+    pad_token_id,
+    shuffle=True,
 ) -> Batches:
     """The batches of one epoch in the order fixed by (seed, epoch) (file order with `shuffle=False`). KTO
     batches are the fixed groups of `batch_size` rows its KL partners come from, in a shuffled order."""

@@ -35,6 +35,7 @@ from cura.train.checkpoint import (
     save_checkpoint,
 )
 from cura.train.config import TrainConfig
+from cura.train.preference_report import preference_summary
 from cura.train.preflight import preflight
 from cura.train.report import (
     MetricsLog,
@@ -46,7 +47,6 @@ from cura.train.report import (
     write_summary,
 )
 from cura.train.run import Run, build_run, prepare_process
-from cura.train.preference_report import preference_summary
 from cura.train.steps import current_memory_bytes, graceful_stop, peak_memory_bytes
 
 Say = Callable[[str], None]

@@ -101,7 +101,9 @@ def pair_losses(objective: str, cfg: PreferenceConfig, model, batch, chunk_token
             chosen_tokens=counts[:B],
             rejected_tokens=counts[B:],
         )
-    out.update(losses=losses, chosen_rewards=r_chosen, rejected_rewards=r_rejected, chosen=chosen, rejected=rejected)
+    out.update(
+        losses=losses, chosen_rewards=r_chosen, rejected_rewards=r_rejected, chosen=chosen, rejected=rejected
+    )
     return out
 
 
@@ -264,14 +266,21 @@ def evaluate_preference(model, eval_batches, device, chunk_tokens: int, *, objec
 
 
 @torch.no_grad()
-def precompute_reference(model, dataset, *, batch_size: int, max_length: int, pad_token_id, device, chunk_tokens):
+def precompute_reference(
+    model, dataset, *, batch_size: int, max_length: int, pad_token_id, device, chunk_tokens
+):
     """Store the reference log-probabilities in every sample of `dataset` (file order, fixed batches), so the
     steps skip the reference forward. Deterministic: a resumed run recomputes the same numbers."""
     from cura.data.preference import preference_batches
 
     for k, batch in enumerate(
         preference_batches(
-            dataset, batch_size=batch_size, max_length=max_length, seed=0, epoch=0, pad_token_id=pad_token_id,
+            dataset,
+            batch_size=batch_size,
+            max_length=max_length,
+            seed=0,
+            epoch=0,
+            pad_token_id=pad_token_id,
             shuffle=False,
         )
     ):

@@ -133,7 +133,9 @@ class Run:
     def evaluate(self) -> tuple[float | None, dict[str, float]]:
         """(held-out loss, preference metrics: empty for SFT) on the run's eval batches."""
         if self.config.objective == "sft":
-            return evaluate_loss(self.model, self.eval_batches, self.device, self.config.loss_chunk_tokens), {}
+            return evaluate_loss(
+                self.model, self.eval_batches, self.device, self.config.loss_chunk_tokens
+            ), {}
         from cura.train.preference import evaluate_preference
 
         result = evaluate_preference(
