@@ -463,3 +463,20 @@ def test_dpo_on_preference_data_needs_pairs(tiny_source, pref_data, tmp_path):
     with pytest.raises(CuraError, match="kto.jsonl:1: columns .* are not preference data"):
         train(config)
     assert not (tmp_path / "o").exists()
+
+
+def test_planner_counts_two_sequences_per_pair():
+    """DPO/ORPO batches hold chosen + rejected: the plan of batch B is the per-token plan of 2B sequences."""
+    from cura.memory import plan
+    from cura.memory.shapes import KNOWN_SHAPES
+    from cura.train.plan import plan_spec
+
+    shape = KNOWN_SHAPES["smollm2-135m"]
+    data = DataConfig(max_length=256, packing=False)
+    dpo = plan_spec(TrainConfig(objective="dpo", batch_size=2, data=data), "cuda")
+    kto = plan_spec(TrainConfig(objective="kto", batch_size=2, data=data), "cuda")
+    sft4 = plan_spec(TrainConfig(batch_size=4, data=data), "cuda")
+    assert (dpo.rows, kto.rows, dpo.packing) == (4, 2, False)
+    terms = {t.name: t.bytes for t in plan(shape, dpo).terms}
+    assert terms == {t.name: t.bytes for t in plan(shape, sft4).terms}
+    assert plan(shape, kto).peak_bytes < plan(shape, dpo).peak_bytes

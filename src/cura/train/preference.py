@@ -3,7 +3,8 @@
     batch (2B rows: chosen then rejected, or B KTO rows + B mismatched `kl_*` rows)
       -> sequence_logps: decoder once, the output layer a chunk of scored tokens at a time (checkpointed),
          per-token log-probs summed per sequence with index_add (no (rows, T, vocab) logits tensor)
-      -> reference: the same model inside `lora_disabled` under no_grad (or precomputed once per sample)
+      -> reference: the same model inside `lora_disabled` under no_grad (or precomputed once per sample),
+         run before the policy's forward so that its working memory is freed before the graph is built
       -> cura.train.objectives (DPO / IPO / rDPO, ORPO, KTO) -> per-example losses
       -> backward of their sum / the step's example count (ORPO's NLL: / the step's chosen answer tokens)
 
@@ -79,6 +80,7 @@ def _reference(model, batch, chunk_tokens, key="ref_logps", prefix=""):
 
 def pair_losses(objective: str, cfg: PreferenceConfig, model, batch, chunk_tokens: int) -> dict:
     """DPO or ORPO on a pair batch: per-pair losses, rewards, and ORPO's summed NLL of the chosen answers."""
+    ref = _reference(model, batch, chunk_tokens) if objective == "dpo" else None  # before the policy's graph
     logps, counts = sequence_logps(model, batch, chunk_tokens)
     B = logps.shape[0] // 2
     chosen, rejected = logps[:B], logps[B:]
@@ -89,7 +91,6 @@ def pair_losses(objective: str, cfg: PreferenceConfig, model, batch, chunk_token
         )
         out["nll_sum"] = -chosen.sum()
     else:
-        ref = _reference(model, batch, chunk_tokens)
         losses, r_chosen, r_rejected = dpo_losses(
             chosen,
             rejected,
@@ -113,8 +114,8 @@ def kto_batch_losses(cfg: PreferenceConfig, model, batch, chunk_tokens: int) -> 
         kl_logps = sequence_logps(model, batch, chunk_tokens, "kl_")[0]
     ref_kl = _reference(model, batch, chunk_tokens, "ref_kl_logps", "kl_")
     kl = kto_kl(kl_logps, ref_kl)
-    logps, _ = sequence_logps(model, batch, chunk_tokens)
     ref = _reference(model, batch, chunk_tokens)
+    logps, _ = sequence_logps(model, batch, chunk_tokens)
     desirable = batch["kto_label"].bool()
     losses, rewards = kto_losses(
         logps,
