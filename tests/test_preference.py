@@ -480,3 +480,21 @@ def test_planner_counts_two_sequences_per_pair():
     terms = {t.name: t.bytes for t in plan(shape, dpo).terms}
     assert terms == {t.name: t.bytes for t in plan(shape, sft4).terms}
     assert plan(shape, kto).peak_bytes < plan(shape, dpo).peak_bytes
+
+
+def test_eval_on_preference_data_reports_what_training_measured(tiny_source, pref_data, tmp_path):
+    """`cura eval --objective dpo`: base (adapter off) and adapter, the same numbers the run's summary holds."""
+    from cura.evaluate.preference import evaluate_preference_file, preference_table
+    from cura.generate import load_for_inference
+
+    out = tmp_path / "run"
+    summary = train(pref_config(tiny_source, pref_data, out, "dpo", max_steps=2, save_every=0))
+    model, tokenizer = load_for_inference(tiny_source, str(out / "adapter"), compute_dtype="float32")
+    result = evaluate_preference_file(
+        model, tokenizer, str(pref_data / "pairs_eval.jsonl"), objective="dpo", batch_size=2, max_length=96
+    )
+    assert result["examples"] == 2
+    for key in ("preference_accuracy", "logp_margin", "rewards/margins"):
+        assert result["base"][key] == pytest.approx(summary["eval_preference_before"][key], abs=1e-5)
+        assert result["adapter"][key] == pytest.approx(summary["eval_preference_after"][key], abs=1e-4)
+    assert "| preference_accuracy |" in preference_table(result)
