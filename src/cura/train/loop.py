@@ -35,7 +35,7 @@ from cura.train.checkpoint import (
     save_checkpoint,
 )
 from cura.train.config import TrainConfig
-from cura.train.preference_report import preference_summary
+from cura.train.preference_report import preference_summary, preference_text
 from cura.train.preflight import preflight
 from cura.train.report import (
     MetricsLog,
@@ -309,6 +309,8 @@ def finish(run: Run, state: TrainerState, session: Session, say: Say) -> TrainRe
         held_out = [(0, state.eval_loss_before), (state.step, eval_after)]
         plot_losses(rows, session.out / "loss.png", held_out=[(s, v) for s, v in held_out if v is not None])
     say(summary_text(summary, session.out))
+    if run.config.objective != "sft" and preference_text(summary):
+        say(preference_text(summary))
     result = TrainResult(summary)
     result.model, result.tokenizer, result.output_dir = run.model, run.tokenizer, session.out
     return result

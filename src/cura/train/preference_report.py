@@ -21,3 +21,22 @@ def preference_summary(config, before: dict | None, after: dict | None) -> dict[
         out[f"eval_{name}_before"] = before.get(key)
         out[f"eval_{name}_after"] = after.get(key)
     return out
+
+
+def preference_text(summary: dict[str, Any]) -> str | None:
+    """One line for the end of a run: the held-out preference accuracy and margin, before -> after."""
+
+    def fmt(x, spec=".3f"):
+        return "n/a" if x is None else format(x, spec)
+
+    if (
+        summary.get("eval_preference_accuracy_before") is None
+        and summary.get("eval_reward_margins_after") is None
+    ):
+        return None
+    return (
+        f"{summary['objective']}: held-out preference accuracy {fmt(summary['eval_preference_accuracy_before'])} "
+        f"-> {fmt(summary['eval_preference_accuracy_after'])}, log-prob margin "
+        f"{fmt(summary['eval_logp_margin_before'])} -> {fmt(summary['eval_logp_margin_after'])}, reward margin "
+        f"after {fmt(summary['eval_reward_margins_after'])}"
+    )
