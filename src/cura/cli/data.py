@@ -127,7 +127,7 @@ def inspect_preference(args: argparse.Namespace, config, tokenizer) -> int:
     from cura.data.preference import build_preference_datasets
 
     paired = args.objective != "kto"
-    train, _, report = build_preference_datasets(config, tokenizer, paired=paired, batch_size=1)
+    train, _, report = build_preference_datasets(config, tokenizer, paired=paired, batch_size=2)
     print(f"file:      {args.file}")
     print(report)
     index = min(max(args.example, 0), len(train) - 1)

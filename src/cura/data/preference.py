@@ -442,6 +442,11 @@ def build_preference_datasets(config: DataConfig, tokenizer, *, paired: bool, ba
 
     if config.path is None:
         raise CuraError("data.path is not set; point it at a file of preference pairs (or KTO rows)")
+    if not paired and batch_size < 2:
+        raise CuraError(
+            "config key 'batch_size' must be at least 2 for kto: its KL term is estimated from the other "
+            "answers of the batch (TRL refuses 1 too)"
+        )
     template, is_fallback = effective_chat_template(tokenizer)
     options = dict(fields=config.fields, system_prompt=config.system_prompt, max_errors=config.max_errors)
     rows = read_preference_rows(config.path, paired, **options)

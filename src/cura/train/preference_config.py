@@ -41,6 +41,11 @@ class PreferenceConfig:
             raise CuraError(
                 f"config key 'preference.label_smoothing' must be in [0, 0.5), got {self.label_smoothing}"
             )
+        if self.dpo_loss == "ipo" and self.label_smoothing:
+            raise CuraError(
+                "config key 'preference.label_smoothing' has no meaning for preference.dpo_loss ipo; set it to 0 "
+                "or use dpo_loss sigmoid (cDPO) or robust (rDPO)"
+            )
         for key in ("desirable_weight", "undesirable_weight"):
             if not getattr(self, key) > 0:
                 raise CuraError(f"config key 'preference.{key}' must be positive, got {getattr(self, key)}")
