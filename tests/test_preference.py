@@ -18,6 +18,7 @@ from cura.adapters import LoraConfig, attach_lora, lora_disabled, lora_layers
 from cura.data import DataConfig
 from cura.data.preference import (
     assign_kl_partners,
+    build_preference_datasets,
     encode_preference_row,
     preference_batch,
     read_preference_rows,
@@ -503,3 +504,14 @@ def test_eval_on_preference_data_reports_what_training_measured(tiny_source, pre
         assert result["base"][key] == pytest.approx(summary["eval_preference_before"][key], abs=1e-5)
         assert result["adapter"][key] == pytest.approx(summary["eval_preference_after"][key], abs=1e-4)
     assert "| preference_accuracy |" in preference_table(result)
+
+
+def test_settings_that_make_no_sense_are_refused(chat_tokenizer, pref_data):
+    with pytest.raises(CuraError, match="'preference.label_smoothing' has no meaning for .* ipo"):
+        PreferenceConfig(dpo_loss="ipo", label_smoothing=0.1)
+    with pytest.raises(CuraError, match=r"'preference.label_smoothing' must be in \[0, 0.5\)"):
+        PreferenceConfig(label_smoothing=0.5)
+    with pytest.raises(CuraError, match="'batch_size' must be at least 2 for kto"):
+        build_preference_datasets(
+            DataConfig(path=str(pref_data / "kto.jsonl")), chat_tokenizer, paired=False, batch_size=1
+        )
