@@ -13,7 +13,7 @@ from cura.adapters.config import LoraConfig
 
 _LAZY = {
     **dict.fromkeys(
-        ("attach_lora", "linear_layers", "lora_layers", "set_trainable", "unwrap_lora"),
+        ("attach_lora", "linear_layers", "lora_disabled", "lora_layers", "set_trainable", "unwrap_lora"),
         "cura.adapters.attach",
     ),
     **dict.fromkeys(
@@ -35,6 +35,7 @@ __all__ = [
     "read_base_record",
     "adapter_state_dict",
     "attach_lora",
+    "lora_disabled",
     "linear_layers",
     "load_adapter",
     "lora_layers",

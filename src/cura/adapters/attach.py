@@ -6,7 +6,8 @@ A wrapped layer keeps its attribute name, so module paths become `...q_proj.base
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 from torch import nn
 
@@ -111,3 +112,21 @@ def unwrap_lora(model: nn.Module) -> nn.Module:
     for path, module in list(lora_layers(model).items()):
         _set_module(model, path, module.base_layer)
     return model
+
+
+@contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run `model` as its frozen base inside the block: every `LoRALinear` returns its base layer's output.
+
+    This is the reference model of DPO and KTO (the policy at step 0, since B starts at zero) without a
+    second copy of the weights; the previous state of each layer is restored on exit, even on an error.
+    """
+    layers = list(lora_layers(model).values())
+    previous = [layer.enabled for layer in layers]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer, state in zip(layers, previous):
+            layer.enabled = state

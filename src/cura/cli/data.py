@@ -31,6 +31,12 @@ def register(subparsers) -> None:
     p.add_argument("--system", default=None, help="system prompt put before rows that have none")
     p.add_argument("--train-on-prompt", action="store_true", help="train on the prompt tokens too")
     p.add_argument("--example", type=int, default=0, help="index of the example row to show")
+    p.add_argument(
+        "--objective",
+        choices=("dpo", "orpo", "kto"),
+        default=None,
+        help="read preference data: pairs (dpo, orpo) or labelled answers (kto), and show a pair's scored tokens",
+    )
     p.set_defaults(func=inspect_command)
 
 
@@ -92,6 +98,8 @@ def inspect_command(args: argparse.Namespace) -> int:
     options["train_on_prompt"] = args.train_on_prompt
     config = DataConfig(**options)
     tokenizer = load_tokenizer(args.model)
+    if args.objective:
+        return inspect_preference(args, config, tokenizer)
     train, _, report = build_datasets(config, tokenizer)
     stats = length_stats(report.lengths)
     over = sum(n > config.max_length for n in report.lengths)
@@ -117,4 +125,26 @@ def inspect_command(args: argparse.Namespace) -> int:
     legend = "trained tokens in green" if color else "trained tokens in [[...]]"
     print(f"\nexample {index} ({legend}):")
     print(highlight(tokenizer, sample["input_ids"], sample["labels"], color))
+    return 0
+
+
+def inspect_preference(args: argparse.Namespace, config, tokenizer) -> int:
+    """A preference file: its shape, counts, and one example with the scored tokens of each answer."""
+    from cura.data.preference import build_preference_datasets
+
+    paired = args.objective != "kto"
+    train, _, report = build_preference_datasets(config, tokenizer, paired=paired, batch_size=2)
+    print(f"file:      {args.file}")
+    print(report)
+    index = min(max(args.example, 0), len(train) - 1)
+    sample = train[index]
+    color = sys.stdout.isatty()
+    legend = "scored tokens in green" if color else "scored tokens in [[...]]"
+    answers = ("chosen", "rejected") if paired else ("completion",)
+    for name in answers:
+        ids = sample["prompt_ids"] + sample[f"{name}_ids"]
+        labels = [IGNORE_INDEX] * len(sample["prompt_ids"]) + sample[f"{name}_labels"]
+        label = f", label {sample['label']}" if "label" in sample else ""
+        print(f"\nexample {index}, {name}{label} ({legend}):")
+        print(highlight(tokenizer, ids, labels, color))
     return 0

@@ -35,6 +35,7 @@ FLAGS = {
     "gradient_checkpointing": "gradient_checkpointing",
     "loss_chunk_tokens": "loss_chunk_tokens",
     "packing": "data.packing",
+    "objective": "objective",  # dpo/orpo: two sequences per example (cura.memory.planner)
 }
 
 

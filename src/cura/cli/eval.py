@@ -44,6 +44,14 @@ def register(sub) -> None:
     p.add_argument("--compare", action="store_true", help="base vs --adapter (or --adapter vs --adapter-b)")
     p.add_argument("--output", default=None, help="report folder (default with --compare: eval-<timestamp>)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument(
+        "--objective",
+        choices=("dpo", "orpo", "kto"),
+        default=None,
+        help="preference data: held-out preference accuracy, margin and rewards of the base and --adapter",
+    )
+    p.add_argument("--beta", type=float, default=0.1, help="with --objective: the reward scale beta")
+    p.add_argument("--max-length", type=int, default=1024, help="with --objective: tokens per sequence")
     add_loading_arguments(p)
     p.set_defaults(func=run)
 
@@ -99,6 +107,8 @@ def run(args) -> int:
     )
 
     _check_args(args)
+    if args.objective:
+        return run_preference(args)
     fields = parse_fields(args.field)
     metrics = parse_metrics(args.metrics)
     get_extractor(args.extractor)
@@ -142,4 +152,37 @@ def run(args) -> int:
         _print_table(outcome)
     for path in paths.values():
         print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def run_preference(args) -> int:
+    """`cura eval --objective ...`: base (adapter off) and adapter on the same preference rows."""
+    from cura.evaluate import parse_fields
+    from cura.evaluate.preference import evaluate_preference_file, preference_table
+    from cura.generate import load_for_inference
+    from cura.train.preference_config import PreferenceConfig
+
+    quantize = False if args.no_quantize else None
+    model, tokenizer = load_for_inference(
+        args.model, args.adapter, quantize=quantize, compute_dtype=args.dtype
+    )
+    result = evaluate_preference_file(
+        model,
+        tokenizer,
+        args.data,
+        objective=args.objective,
+        preference=PreferenceConfig(beta=args.beta),
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        limit=args.limit,
+        fields=parse_fields(args.field),
+        system_prompt=args.system,
+    )
+    if args.output:
+        from cura.atomic import write_json
+
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+        write_json(Path(args.output) / "preference_eval.json", result)
+        print(f"wrote {Path(args.output) / 'preference_eval.json'}", file=sys.stderr)
+    print(json.dumps(result, indent=2) if args.json else preference_table(result))
     return 0

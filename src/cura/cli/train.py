@@ -135,6 +135,11 @@ def build_config(args):
             mapping[k.strip()] = v.strip()
         set_path(data, "data.fields", mapping)
     is_demo = not (data.get("data") or {}).get("path")
+    if is_demo and data.get("objective", "sft") != "sft":
+        raise CuraError(
+            f"--objective {data['objective']} needs --data: a file of preference pairs (or, for kto, labelled "
+            "answers); see 'cura data inspect FILE --objective ...' and the README's preference section"
+        )
     if is_demo:
         from cura.demo import demo_settings
 

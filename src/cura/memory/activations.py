@@ -136,7 +136,7 @@ def step_buffers(shape: ModelShape, spec: PlanSpec) -> int:
     """Tensors shared by all layers for the whole step: the (B, 1, T, T) float32 attention mask of packed
     or padded batches (`cura.data.packing`), rotary cos and sin (B, T, head_dim) in e, the batch's int64
     input ids, labels and position ids."""
-    mask = 4 * spec.batch_size * spec.seq_len**2 if spec.packing else 0
+    mask = 4 * spec.rows * spec.seq_len**2 if spec.packing else 0
     rope = 2 * spec.tokens * shape.head_dim * spec.e
     return mask + rope + 3 * INDEX_BYTES * spec.tokens
 

@@ -19,7 +19,14 @@ plus what the phase holds:
 
 The plan's terms are those alive at the highest of the four (`peak_phase`); each term's function gives its
 formula and where it comes from: the persistent ones in `cura.memory.weights`, the step's in
-`cura.memory.activations`; the inputs and outputs are `cura.memory.spec`'s. Symbols: B batch, T sequence length, N = B*T tokens, N' = B*(T-1)
+`cura.memory.activations`; the inputs and outputs are `cura.memory.spec`'s.
+
+Preference objectives (`cura.train.preference`): DPO and ORPO put chosen and rejected through the model in
+one batch, so every per-token term counts `rows = B * sequences_per_example` (2) sequences; the output layer
+scores them chunk by chunk as the SFT loss does (per-token log-probabilities, no full logits). The reference
+forward of DPO/KTO (adapter off, no gradient) runs before the policy's and keeps no activations, so its
+transient memory is below the training forward's and adds no term; precomputed reference log-probabilities
+(one float per sequence) add nothing either. KTO's mismatched KL rows are a no-gradient forward too. Symbols: B batch, T sequence length, N = B*T tokens, N' = B*(T-1)
 trained tokens (every label trained: the worst case), L layers, H hidden, I MLP width, V vocabulary,
 q = heads*head_dim, kv = kv_heads*head_dim, r LoRA rank, e bytes of the compute dtype.
 """
@@ -137,9 +144,9 @@ def _activation_phases(shape: ModelShape, spec: PlanSpec) -> dict[str, dict[str,
 
 _ACTIVATION_FORMULAS: dict[str, Callable[[ModelShape, PlanSpec, str], str]] = {
     "activations": lambda s, p, ph: {
-        "loss": f"{s.num_layers + 1} hidden states of {p.batch_size}x{p.seq_len}x{s.hidden_size}"
+        "loss": f"{s.num_layers + 1} hidden states of {p.rows}x{p.seq_len}x{s.hidden_size}"
         + ("" if p.gradient_checkpointing else " + every layer's saved tensors"),
-        "last_layer": f"{s.num_layers + 1} hidden states of {p.batch_size}x{p.seq_len}x{s.hidden_size}"
+        "last_layer": f"{s.num_layers + 1} hidden states of {p.rows}x{p.seq_len}x{s.hidden_size}"
         + (" + one layer recomputed" if p.gradient_checkpointing else " + every layer's saved tensors"),
         "first_layer": "the first layer's saved tensors",
         "update": "freed before the update",

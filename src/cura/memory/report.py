@@ -42,7 +42,8 @@ def describe_run(p: MemoryPlan) -> str:
         lora += f" excluding {','.join(excluded)}"
     return (
         f"{shape.name} ({shape.total_params / 1e9:.3g}B parameters), {base}{lora}, {s.optimizer}, "
-        f"{s.compute_dtype} compute, batch {s.batch_size} x {s.seq_len} tokens, checkpointing "
+        f"{s.compute_dtype} compute, batch {s.batch_size} x {s.seq_len} tokens"
+        f"{' x 2 sequences (chosen + rejected)' if s.sequences_per_example == 2 else ''}, checkpointing "
         f"{'on' if s.gradient_checkpointing else 'off'}, loss chunks of {s.loss_chunk_tokens}, "
         f"{'packed' if s.packing else 'unpacked'} batches, device {s.device}"
         + (

@@ -54,6 +54,7 @@ class PlanSpec:
     device: Device
     lora_exclude: tuple[str, ...] = ()
     world_size: int = 1  # data-parallel processes (`cura train --nproc`); batch_size is per process
+    sequences_per_example: int = 1  # 2 for DPO/ORPO: chosen and rejected go through the model in one batch
 
     def __post_init__(self) -> None:
         checks = (
@@ -66,7 +67,15 @@ class PlanSpec:
         for key, ok, allowed in checks:
             if not ok:
                 raise CuraError(f"planner setting '{key}' is {getattr(self, key)!r}; use one of {allowed}")
-        for key in ("batch_size", "seq_len", "lora_r", "loss_chunk_tokens", "blocksize", "world_size"):
+        for key in (
+            "batch_size",
+            "seq_len",
+            "lora_r",
+            "loss_chunk_tokens",
+            "blocksize",
+            "world_size",
+            "sequences_per_example",
+        ):
             if getattr(self, key) < 1:
                 raise CuraError(f"planner setting '{key}' must be at least 1, got {getattr(self, key)}")
         if self.seq_len < 2:
@@ -78,12 +87,17 @@ class PlanSpec:
         return DTYPE_BYTES[self.compute_dtype]
 
     @property
+    def rows(self) -> int:
+        """Sequences in one forward: the batch, times 2 for a pair objective (chosen + rejected)."""
+        return self.batch_size * self.sequences_per_example
+
+    @property
     def tokens(self) -> int:
-        return self.batch_size * self.seq_len
+        return self.rows * self.seq_len
 
     @property
     def trained_tokens(self) -> int:
-        return self.batch_size * (self.seq_len - 1)
+        return self.rows * (self.seq_len - 1)
 
     @property
     def chunk(self) -> int:

@@ -49,6 +49,7 @@ class LoRALinear(nn.Module):
         self.out_features: int = base_layer.out_features
         self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
         self.scaling = lora_scale(r, alpha, use_rslora)
+        self.enabled = True  # False: the layer is its base (the reference model of DPO/KTO, no copy held)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         device = _device_of(base_layer)
         self.lora_A = nn.Linear(self.in_features, r, bias=False, dtype=torch.float32, device=device)
@@ -66,6 +67,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
+        if not self.enabled:
+            return result
         dtype = result.dtype  # the base's compute dtype
         a, b = self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype)
         update = F.linear(F.linear(self.lora_dropout(x.to(dtype)), a), b) * self.scaling

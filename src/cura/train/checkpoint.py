@@ -52,6 +52,7 @@ class TrainerState:
     epoch: int = 0  # data position: the epoch of the next micro-batch ...
     index: int = 0  # ... and its index in that epoch's order
     eval_loss_before: float | None = None  # held-out loss of the base model (measured once, kept on resume)
+    eval_metrics_before: dict[str, float] | None = None  # preference objectives: held-out metrics of the base
     last_eval_loss: float | None = None  # the latest held-out loss measured during training
     bad_streak: int = 0  # non-finite steps in a row (the run stops at config.max_bad_steps)
     skipped: int = 0  # non-finite steps skipped in all

@@ -25,6 +25,7 @@ from cura.constants import (
 )
 from cura.data import DataConfig
 from cura.errors import CuraError
+from cura.train.preference_config import PreferenceConfig
 
 Method = Literal["qlora", "lora"]
 Optimizer = Literal["paged_adamw", "paged_adamw_8bit", "adamw"]
@@ -38,6 +39,7 @@ Reporter = Literal["none", "tensorboard", "wandb", "mlflow"]
 MAX_LR = 1.0
 """The largest learning rate accepted: each AdamW step moves every weight by about lr, and LoRA weights start
 below 1, so above 1 the loss cannot improve (it stalls or the weights overflow)."""
+Objective = Literal["sft", "dpo", "orpo", "kto"]  # cura.train.preference_config.OBJECTIVES
 
 
 @dataclass
@@ -60,6 +62,9 @@ class TrainConfig:
     """dtype of the matmuls; auto: bfloat16 where the hardware has it natively, else float32"""
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    objective: Objective = "sft"
+    """sft (next-token loss on the answers), or preference tuning on pairs: dpo, orpo; kto on labelled answers"""
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     optimizer: Optimizer = "paged_adamw"
     """paged AdamW with 32-bit or 8-bit state, or torch's AdamW"""
     optim_paging: Paging = "auto"

@@ -38,6 +38,7 @@ from cura.train.checkpoint import (
 )
 from cura.train.config import TrainConfig
 from cura.train.distributed import check_same_checkpoint, check_world_size, init_world
+from cura.train.preference_report import preference_summary, preference_text
 from cura.train.preflight import preflight
 from cura.train.report import (
     MetricsLog,
@@ -194,7 +195,7 @@ def evaluate_before(run: Run, state: TrainerState, say: Say) -> None:
     """The base model's held-out loss, once per run (a resumed run keeps the first one)."""
     if state.eval_loss_before is not None:
         return
-    state.eval_loss_before = run.evaluate()
+    state.eval_loss_before, state.eval_metrics_before = run.evaluate()
     if state.eval_loss_before is not None:
         say(f"held-out loss before training: {state.eval_loss_before:.4f}")
 
@@ -263,8 +264,9 @@ def stop_if_diverged(run: Run, state: TrainerState, session: Session) -> None:
 def evaluate_during(run: Run, state: TrainerState, row: dict[str, Any]) -> None:
     every = run.config.eval_every
     if every and state.step % every == 0 and state.step < state.total_steps:
-        loss = run.evaluate()
+        loss, metrics = run.evaluate()
         row["eval_loss"] = state.last_eval_loss = loss
+        row.update({f"eval_{k}": v for k, v in metrics.items()})
 
 
 def log_step(run: Run, state: TrainerState, session: Session, row: dict, progress, hooks: TrainHooks) -> None:
@@ -336,13 +338,15 @@ def finish(run: Run, state: TrainerState, session: Session, say: Say) -> TrainRe
     if run.world.is_main:  # the adapter is saved before the last eval, which a signal may cut short
         with atomic_folder(adapter_dir) as tmp:  # a crash leaves the previous adapter, never half of one
             save_run_adapter(run, tmp)
-    eval_after = evaluate_after(run, session)  # every rank takes part
+    eval_after, metrics_after = evaluate_after(run, session)  # every rank takes part
     if session.signals is not None:
         session.signals.phase = "save"
     if not run.world.is_main:  # rank 0 writes the adapter and the summary
         return worker_result(run, state, session)
     rows = session.metrics.read()
     summary = run_summary(run, state, session, rows, eval_after)
+    if run.config.objective != "sft":
+        summary.update(preference_summary(run.config, state.eval_metrics_before, metrics_after))
     report_stall(run, rows, summary, say)
     summary["adapter_dir"] = str(adapter_dir)
     summary["checkpoint"] = str(last_ckpt) if last_ckpt else None
@@ -352,24 +356,27 @@ def finish(run: Run, state: TrainerState, session: Session, say: Say) -> TrainRe
         plot_losses(rows, session.out / "loss.png", held_out=[(s, v) for s, v in held_out if v is not None])
     session.tracking.finish(summary, session.out / "loss.png" if rows else None)
     say(summary_text(summary, session.out))
+    if run.config.objective != "sft" and preference_text(summary):
+        say(preference_text(summary))
     result = TrainResult(summary)
     result.model, result.tokenizer, result.output_dir = run.model, run.tokenizer, session.out
     return result
 
 
-def evaluate_after(run: Run, session: Session) -> float | None:
-    """The held-out loss after training, skipped when stopped by a signal (before or during it)."""
+def evaluate_after(run: Run, session: Session) -> tuple[float | None, dict[str, float]]:
+    """(held-out loss, preference metrics) after training, skipped when stopped by a signal (before or
+    during it)."""
     if session.signals is not None and session.signals.requested:
         session.interrupted = session.interrupted or session.signals.requested
     if session.interrupted:
-        return None
+        return None, {}
     if session.signals is not None:
         session.signals.phase = "eval"
     try:
         return run.evaluate()  # split over the ranks of a distributed run
     except EvalInterrupted as exc:
         session.interrupted = str(exc)
-        return None
+        return None, {}
 
 
 def report_stall(run: Run, rows: list[dict], summary: dict[str, Any], say: Say) -> None:

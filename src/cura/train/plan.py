@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from cura.memory import PlanSpec, resolve_compute_dtype
 from cura.train.config import TrainConfig
+from cura.train.preference_config import PAIRED
 
 
 def plan_spec(
@@ -37,7 +38,8 @@ def plan_spec(
         seq_len=config.data.max_length,
         gradient_checkpointing=config.gradient_checkpointing,
         loss_chunk_tokens=config.loss_chunk_tokens,
-        packing=config.data.packing,
+        packing=config.data.packing and config.objective == "sft",  # preference batches are padded
         device=device,
         world_size=world_size,
+        sequences_per_example=2 if config.objective in PAIRED else 1,
     )

@@ -113,6 +113,7 @@ def log_row(step: int, epoch: int, result: dict, seconds: float, memory_bytes: i
         "seconds": seconds,
         "memory_bytes": memory_bytes,
     }
+    row.update(result.get("metrics", {}))  # preference objectives: rewards/chosen, rewards/margins, ...
     if not result["finite"]:
         row["skipped"] = True
     return row
@@ -122,6 +123,10 @@ def postfix(row: dict[str, Any]) -> str:
     """The progress bar's text after a step."""
     loss = "skipped" if row["loss"] is None else f"{row['loss']:.4f}"
     text = f"loss {loss} lr {row['lr']:.2e} {row['tokens_per_second'] or 0:.0f} tok/s mem {human_bytes(row['memory_bytes'])}"
+    if row.get("rewards/accuracies") is not None:
+        text += f" acc {row['rewards/accuracies']:.2f} margin {row['rewards/margins']:.3f}"
+    elif row.get("rewards/margins") is not None:
+        text += f" margin {row['rewards/margins']:.3f}"
     if row.get("eval_loss") is not None:
         text += f" eval {row['eval_loss']:.4f}"
     return text

@@ -34,6 +34,7 @@ from cura.optim import PagedAdamW
 from cura.train.autofit import apply_cpu_malloc
 from cura.train.config import TrainConfig
 from cura.train.distributed import World, evaluate_loss_over_ranks, reseed_per_rank, shard_batches
+from cura.train.preference_config import WITH_REFERENCE
 from cura.train.steps import enable_activation_checkpointing, lr_lambda, optimizer_step
 
 Say = Callable[[str], None]
@@ -105,7 +106,23 @@ class Run:
     )  # this process's rank among torchrun's (one process: rank 0 of 1)
 
     def step(self, micro_batches: list[Batch]) -> dict[str, Any]:
-        """One optimizer step over `micro_batches` (`cura.train.steps.optimizer_step`)."""
+        """One optimizer step over `micro_batches` (`cura.train.steps.optimizer_step`, or for a preference
+        objective `cura.train.preference.preference_step`)."""
+        if self.config.objective != "sft":
+            from cura.train.preference import preference_step
+
+            return preference_step(
+                self.model,
+                micro_batches,
+                self.optimizer,
+                self.scheduler,
+                self.params,
+                objective=self.config.objective,
+                cfg=self.config.preference,
+                chunk_tokens=self.config.loss_chunk_tokens,
+                max_grad_norm=self.config.max_grad_norm,
+                device=self.device,
+            )
         return optimizer_step(
             self.model,
             micro_batches,
@@ -118,12 +135,26 @@ class Run:
             world=self.world if self.world.distributed else None,
         )
 
-    def evaluate(self) -> float | None:
-        """The held-out loss (token-weighted) over `eval_batches`; under torchrun each rank scores every
-        world.size-th batch and the sums are all-reduced (`cura.train.distributed.evaluate_loss_over_ranks`)."""
-        return evaluate_loss_over_ranks(
-            self.world, self.model, self.eval_batches, self.device, self.config.loss_chunk_tokens
+    def evaluate(self) -> tuple[float | None, dict[str, float]]:
+        """(held-out loss, preference metrics: empty for SFT) on the run's eval batches. Under torchrun each
+        rank scores every world.size-th batch and the sums are all-reduced
+        (`cura.train.distributed.evaluate_loss_over_ranks`); preference runs are one process."""
+        if self.config.objective == "sft":
+            loss = evaluate_loss_over_ranks(
+                self.world, self.model, self.eval_batches, self.device, self.config.loss_chunk_tokens
+            )
+            return loss, {}
+        from cura.train.preference import evaluate_preference
+
+        result = evaluate_preference(
+            self.model,
+            self.eval_batches,
+            self.device,
+            self.config.loss_chunk_tokens,
+            objective=self.config.objective,
+            cfg=self.config.preference,
         )
+        return (None, {}) if result is None else (result.pop("loss"), result)
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) parameters; the frozen 4-bit weights are buffers and counted by their shape."""
@@ -185,7 +216,14 @@ def build_model(config: TrainConfig, device: torch.device, compute_dtype: torch.
 def load_data(config: TrainConfig, say: Say = _say) -> tuple[Any, RunData]:
     """(tokenizer, RunData): the rows read, validated and tokenized with the model's chat template."""
     tokenizer = load_tokenizer(config.model)
-    train_set, eval_set, report = build_datasets(config.data, tokenizer)
+    if config.objective != "sft":
+        from cura.data.preference import build_preference_datasets
+
+        train_set, eval_set, report = build_preference_datasets(
+            config.data, tokenizer, paired=config.objective != "kto", batch_size=config.batch_size
+        )
+    else:
+        train_set, eval_set, report = build_datasets(config.data, tokenizer)
     say(str(report))
     template, is_fallback = effective_chat_template(tokenizer)
     return tokenizer, RunData(train_set, eval_set, report, template, is_fallback)
@@ -194,6 +232,17 @@ def load_data(config: TrainConfig, say: Say = _say) -> tuple[Any, RunData]:
 def epoch_batches(config: TrainConfig, dataset, tokenizer, epoch: int) -> Sequence[Batch]:
     """All micro-batches of one epoch of `dataset`, in the order fixed by (seed, epoch)."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if config.objective != "sft":  # pairs or KTO rows: padded, never packed
+        from cura.data.preference import preference_batches
+
+        return preference_batches(
+            dataset,
+            batch_size=config.batch_size,
+            max_length=config.data.max_length,
+            seed=config.seed,
+            epoch=epoch,
+            pad_token_id=pad_id,
+        )
     return batches(
         dataset,
         batch_size=config.batch_size,
@@ -215,6 +264,25 @@ def total_steps(config: TrainConfig, batches_per_epoch: int | None) -> int:
     return max(1, math.ceil(config.epochs * steps_per_epoch))
 
 
+def precompute_run_reference(config: TrainConfig, model, tokenizer, data: RunData, device, say: Say) -> None:
+    """The reference log-probabilities of every train and eval example, once, before the first step."""
+    from cura.train.preference import precompute_reference
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for dataset in (data.train_set, data.eval_set):
+        if dataset is not None and len(dataset):
+            precompute_reference(
+                model,
+                dataset,
+                batch_size=config.batch_size,
+                max_length=config.data.max_length,
+                pad_token_id=pad_id,
+                device=device,
+                chunk_tokens=config.loss_chunk_tokens,
+            )
+    say("reference log-probabilities precomputed (the base with the adapter off)")
+
+
 def build_run(
     config: TrainConfig,
     device: torch.device,
@@ -227,6 +295,11 @@ def build_run(
     (`world`) every rank starts from rank 0's adapters and reads its rows of each global micro-batch of
     batch_size * world.size sequences (`cura.train.distributed`)."""
     world = world or World()
+    if world.distributed and config.objective != "sft":
+        raise CuraError(
+            f"objective '{config.objective}' runs on one process for now (its gradients are not all-reduced "
+            "across ranks): train it without --nproc / torchrun"
+        )
     compute_dtype = resolve_compute_dtype(config.compute_dtype, device)
     tokenizer, data = load_data(config, say) if with_data else (None, None)
     model, kind, targets = build_model(config, device, compute_dtype)
@@ -235,6 +308,8 @@ def build_run(
     reseed_per_rank(world, config.seed)
     optimizer = make_optimizer(config, params)
     stream, eval_batches, per_epoch = None, [], None
+    if data is not None and config.objective in WITH_REFERENCE and config.preference.precompute_reference:
+        precompute_run_reference(config, model, tokenizer, data, device, say)
     if data is not None:
         global_config = config.replace(batch_size=config.batch_size * world.size)
         stream = BatchStream(
