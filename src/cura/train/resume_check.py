@@ -43,6 +43,8 @@ NEUTRAL = {
     "max_bad_steps",
     "data.eval_path",
     "data.max_errors",
+    "report_to",  # trackers may be added or dropped on a resume (train/tracking.py)
+    "optim_paging",  # where the optimizer state lives, not its values
 }
 """Config keys that do not change the trained weights: never compared."""
 
