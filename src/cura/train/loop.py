@@ -173,10 +173,10 @@ def start_or_resume(run: Run, session: Session, say: Say) -> TrainerState:
         advice="resume with the model and quantization settings of the run that wrote it, or train into "
         "a new output folder",
     )
-    record, changed = resume_check.check_resume(session.out, run.config, run.model)
     load_adapter(run.model, latest, trainable=True)
     state = load_checkpoint(latest, optimizer=run.optimizer, scheduler=run.scheduler)
-    check_world_size(latest, state.world_size, world)
+    check_world_size(latest, state.world_size, world)  # before the settings: --nproc rescales batch_size
+    record, changed = resume_check.check_resume(session.out, run.config, run.model)
     world.restore_rng(latest)  # rank r > 0: its own RNG state (load_checkpoint restored rank 0's)
     state.total_steps = run.total_steps  # the config's, which an allowed change of max_steps may have raised
     resume_check.apply_settings(run, state, changed)
