@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from cura.constants import DEFAULT_MAX_NEW_TOKENS
+from cura.errors import CuraError
 
 Messages = list[dict[str, str]]
 
@@ -71,7 +72,12 @@ def render(tokenizer, prompt: str | Messages, *, chat: bool = True) -> str:
         if not chat or not getattr(tokenizer, "chat_template", None):
             return prompt
         prompt = [{"role": "user", "content": prompt}]
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    try:
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # a broken or refusing template: one sentence naming it (not a cura bug)
+        from cura.data.template import template_error
+
+        raise CuraError(template_error(tokenizer, exc)) from None
 
 
 @torch.no_grad()

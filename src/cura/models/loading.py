@@ -15,6 +15,7 @@ stored 4-bit state instead of quantizing.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +25,7 @@ from torch import nn
 
 from cura.constants import DEFAULT_BLOCKSIZE, DEFAULT_DOUBLE_QUANT, DEFAULT_LORA_EXCLUDE, DEFAULT_QUANT_TYPE
 from cura.errors import CuraError
+from cura.memory.gguf_meta import read_gguf_metadata
 from cura.models.checkpoint import CheckpointReader
 from cura.models.gguf import cached_gguf_folder, gguf_args, gguf_to_hf_folder
 from cura.models.sources import BUNDLED_NAME, resolve_source
@@ -84,6 +86,7 @@ def model_config(source: str | Path, *, trust_remote_code: bool = False):
     if kind in ("gguf", "bundled"):
         folder = cached_gguf_folder(path, BUNDLED_NAME if kind == "bundled" else None)
         if folder is None:  # read the GGUF's metadata only; no conversion
+            read_gguf_metadata(path)  # a damaged header: one sentence before transformers reads it
             folder, file = gguf_args(path)
             return AutoConfig.from_pretrained(folder, gguf_file=file)
         path = folder
@@ -157,6 +160,7 @@ def load_checkpoint(
     init_non_persistent_buffers(model, device)
     tied = dict(getattr(model, "all_tied_weights_keys", {}) or {})
     with CheckpointReader(folder) as ckpt:
+        check_weights_match_config(model, ckpt, folder)
         replaced = load_linears(model, ckpt, tied, spec, skip, compute_dtype, device)
         load_other_tensors(model, ckpt, tied, replaced, device)
     retie(model, tied, replaced)
@@ -168,6 +172,36 @@ def load_checkpoint(
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(folder))
     return model.eval()
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+
+
+def check_weights_match_config(model, ckpt, folder: Path) -> None:
+    """config.json against the stored tensors, before any is read: every tensor the model has must have the
+    stored shape (a `hidden_size` wider than the weights), and the weights may not hold more layers than
+    `num_hidden_layers` (the extra layers would be left out of training without a word)."""
+    config = model.config
+    layers = {int(m.group(1)) for key in ckpt.keys() if (m := _LAYER_INDEX.search(key))}
+    wanted = getattr(config, "num_hidden_layers", None)
+    if layers and isinstance(wanted, int) and max(layers) + 1 > wanted:
+        raise CuraError(
+            f"{folder / 'config.json'} says num_hidden_layers {wanted} but the weights hold {max(layers) + 1} "
+            f"layers: cura would silently leave layers {wanted}..{max(layers)} out; set num_hidden_layers "
+            f"to {max(layers) + 1} or restore config.json from the model's source"
+        )
+    packed = {k.split(".quant_state.")[0] for k in ckpt.keys() if ".quant_state." in k}
+    for key, tensor in model_tensors(model, set()):
+        entry = ckpt.entries.get(key)
+        if entry is None or key in packed or key.rpartition(".")[0] in packed:
+            continue
+        if tuple(entry.shape) != tuple(tensor.shape):
+            raise CuraError(
+                f"{folder / 'config.json'} does not match the weights: '{key}' is stored as "
+                f"{tuple(entry.shape)} but the config makes it {tuple(tensor.shape)} (hidden_size "
+                f"{getattr(config, 'hidden_size', '?')}, intermediate_size {getattr(config, 'intermediate_size', '?')}); "
+                "restore config.json from the model's source"
+            )
 
 
 def load_linears(model, ckpt, tied, spec, skip, compute_dtype, device) -> set[str]:

@@ -24,6 +24,7 @@ from cura.constants import (
 )
 from cura.data import DataConfig
 from cura.errors import CuraError
+from cura.validate import check_train_config
 
 Method = Literal["qlora", "lora"]
 Optimizer = Literal["paged_adamw", "paged_adamw_8bit", "adamw"]
@@ -105,6 +106,8 @@ class TrainConfig:
     """CPU runs: tight makes memory follow `cura estimate` (steps up to 1.9x slower); fast keeps glibc's default (may hold up to 3x); auto: fast unless that might not fit"""
     progress: bool = True
     """show progress bars"""
+    force: bool = False
+    """start even when the memory plan says the run does not fit the memory available"""
 
     def __post_init__(self) -> None:
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "log_every": self.log_every}
@@ -135,6 +138,7 @@ class TrainConfig:
             raise CuraError("config key 'loss_chunk_tokens' must be at least 1")
         if self.keep_checkpoints < 1:
             raise CuraError("config key 'keep_checkpoints' must be at least 1")
+        check_train_config(self)  # finite numbers, ranges, threads, output_dir (cura.validate)
 
     @property
     def seq_len(self) -> int:
