@@ -595,6 +595,19 @@ TEMPLATE_CASES = [
 ]
 
 
+def sampling_case(name: str, mention: str, *flags: str) -> Case:
+    def make(tmp: Path, env: Env):
+        return [*generate_args(env.model), *flags], mention
+
+    return Case("command-line numbers", name, make)
+
+
+NUMBER_CASES += [
+    sampling_case("generate --temperature nan", "--temperature", "--temperature", "nan"),
+    sampling_case("generate --top-p 5", "--top-p", "--top-p", "5"),
+    sampling_case("generate --max-new-tokens -1", "--max-new-tokens", "--max-new-tokens", "-1"),
+]
+
 CASES: list[Case] = [
     *DATA_CASES,
     *CONFIG_CASES,
