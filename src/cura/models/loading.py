@@ -59,9 +59,31 @@ def hf_folder(kind: str, path: Path) -> Path:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+def load_auto_config(folder: Path, *, trust_remote_code: bool = False):
+    """transformers' config of a model folder, with one sentence when config.json cannot be one.
+
+    Note (why a broad except): transformers validates a config in the model family's own code, so an
+    unknown model_type, `num_attention_heads: 0` or heads that do not divide `hidden_size` raise ValueError,
+    ZeroDivisionError or huggingface_hub's StrictDataclassClassValidationError, whichever check comes
+    first. All of them mean the same thing to the user: this config.json does not describe a model."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise CuraError(
+            f"{folder / 'config.json'} does not describe a model transformers can build ({type(exc).__name__}: "
+            f"{reason}); restore config.json from the model's source"
+        ) from None
+
+
 def tokenizer_from_folder(folder: Path, *, trust_remote_code: bool = False):
-    """AutoTokenizer for a model folder, with a CuraError when the folder has no tokenizer files."""
+    """AutoTokenizer for a model folder, with a CuraError when the folder has no tokenizer files (its
+    config.json is checked first: the tokenizer loader reads it too, see `load_auto_config`)."""
     from transformers import AutoTokenizer
+
+    load_auto_config(folder, trust_remote_code=trust_remote_code)
 
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise CuraError(
@@ -90,7 +112,7 @@ def model_config(source: str | Path, *, trust_remote_code: bool = False):
             folder, file = gguf_args(path)
             return AutoConfig.from_pretrained(folder, gguf_file=file)
         path = folder
-    return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    return load_auto_config(path, trust_remote_code=trust_remote_code)
 
 
 def load_model(
@@ -147,15 +169,24 @@ def load_checkpoint(
     trust_remote_code: bool = False,
 ):
     """Build the model of a transformers folder on meta, then stream its tensors in (see module docstring)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
-    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    if hasattr(config, "quantization_config"):  # a bnb folder: the 4-bit state is read from the tensors
-        del config.quantization_config
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=compute_dtype, trust_remote_code=trust_remote_code
-        )
+    config = load_auto_config(folder, trust_remote_code=trust_remote_code)
+    try:
+        if hasattr(config, "quantization_config"):  # a bnb folder: the 4-bit state is read from the tensors
+            del config.quantization_config
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=compute_dtype, trust_remote_code=trust_remote_code
+            )
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, ZeroDivisionError) as exc:
+        # transformers builds the model from config.json alone: an unknown model_type, a size of 0 or -5,
+        # heads that do not divide the width surface here as whichever error the model's code hits first
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise CuraError(
+            f"{folder / 'config.json'} does not describe a model transformers can build ({type(exc).__name__}: "
+            f"{reason}); restore config.json from the model's source"
+        ) from None
     device = torch.device(device)
     init_non_persistent_buffers(model, device)
     tied = dict(getattr(model, "all_tied_weights_keys", {}) or {})

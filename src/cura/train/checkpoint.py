@@ -157,7 +157,7 @@ def load_checkpoint(path: Path, *, optimizer: torch.optim.Optimizer, scheduler) 
         state = json.loads((path / COMPLETE_MARKER).read_text(encoding="utf-8"))
         tensors = load_safetensors(path / "optimizer.safetensors")  # headers checked: a damaged file is
         rng = load_safetensors(path / "rng.safetensors")  # a CuraError (cura.safetensors_check)
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON, bytes that are not UTF-8
         raise CuraError(
             f"checkpoint {path} is unreadable ({exc}); delete it to resume from an earlier one"
         ) from None
