@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                     "held": outcome.held,
                     "exit_code": outcome.code,
                     "problems": outcome.problems(),
-                    "message": outcome.error or outcome.message.strip()[-500:],
+                    "message": (outcome.error or outcome.message.strip()[-500:]).replace(f"{scratch}/", ""),
                     "seconds": round(outcome.seconds, 3),
                 }
             )

@@ -145,3 +145,18 @@ def test_config_checks_apply_to_the_python_api(tmp_path):
         with pytest.raises(CuraError):
             TrainConfig(output_dir=str(tmp_path / "run"), **bad)
     assert TrainConfig(output_dir=str(tmp_path / "run"), force=True).force
+
+
+def test_force_starts_a_run_the_memory_plan_refuses(env, tmp_path):
+    """--force is the user insisting: preflight then lets a run start that the plan says does not fit."""
+    import torch
+
+    from cura.adapters import LoraConfig
+    from cura.errors import CuraError
+    from cura.train.config import TrainConfig
+    from cura.train.preflight import preflight
+
+    config = TrainConfig(model=env.model, output_dir=str(tmp_path / "run"), lora=LoraConfig(r=10**9))
+    with pytest.raises(CuraError, match="--force starts it anyway"):
+        preflight(config, torch.device("cpu"))
+    preflight(config.replace(force=True), torch.device("cpu"))
