@@ -316,6 +316,14 @@ def index_absolute(tmp: Path, env: Env):
     return generate_args(model), "outside the model folder"
 
 
+def index_climbing(tmp: Path, env: Env):
+    model = copy_model(tmp, env)
+    (model / "sub").mkdir()
+    index = model / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"lm_head.weight": "sub/../../model/../../x.safetensors"}}))
+    return generate_args(model), "outside the model folder"
+
+
 def write_gguf(path: Path, arch: str = "llama", tensor_elements: int = 4096) -> None:
     """A small GGUF file written with the gguf package (one float32 tensor)."""
     import gguf
@@ -378,6 +386,7 @@ MODEL_CASES = [
     contradicting_config("config.json num_key_value_heads 3 of 4 heads", num_key_value_heads=3),
     Case("model files", "index naming ../../etc/passwd", index_outside),
     Case("model files", "index naming an absolute shard path", index_absolute),
+    Case("model files", "index naming a shard through a subfolder and ..", index_climbing),
     gguf_case("truncated .gguf", _truncated_gguf, "truncated"),
     gguf_case("GGUF of 40 bytes", _header_only_gguf),
     gguf_case("GGUF magic then random bytes", _random_gguf),

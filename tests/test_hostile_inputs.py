@@ -7,11 +7,14 @@ block sizes against the gguf package's.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -160,3 +163,24 @@ def test_force_starts_a_run_the_memory_plan_refuses(env, tmp_path):
     with pytest.raises(CuraError, match="--force starts it anyway"):
         preflight(config, torch.device("cpu"))
     preflight(config.replace(force=True), torch.device("cpu"))
+
+
+def test_an_index_of_symlinked_shards_loads_as_in_the_hugging_face_cache(env, tmp_path):
+    """The check is on the names in the index: shards that are symlinks into a blobs folder outside the
+    snapshot (how the Hugging Face cache stores them) still load, and give the same tensors."""
+    import torch
+
+    from cura.models.checkpoint import CheckpointReader
+
+    snapshot, blobs = tmp_path / "snapshots" / "abc", tmp_path / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    shutil.copy(Path(env.model) / "model.safetensors", blobs / "sha256-1")
+    (snapshot / "model-00001-of-00001.safetensors").symlink_to(blobs / "sha256-1")
+    with CheckpointReader(Path(env.model)) as plain:
+        weight_map = {key: "model-00001-of-00001.safetensors" for key in plain.keys()}
+        (snapshot / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        with CheckpointReader(snapshot) as linked:
+            assert linked.keys() == plain.keys()
+            key = plain.keys()[0]
+            torch.testing.assert_close(linked.get(key), plain.get(key), rtol=0, atol=0)

@@ -16,6 +16,7 @@ with offsets relative to the start of the data section.
 
 from __future__ import annotations
 
+import os
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,12 +75,17 @@ def read_header(file: Path) -> dict[str, TensorEntry]:
 
 
 def shard_path(folder: Path, name, index: Path) -> Path:
-    """The shard `name` of an index, refused unless it is a plain file inside `folder` (an index naming
-    `../../etc/passwd` or an absolute path must not make cura open that file)."""
+    """The shard `name` of an index, refused unless its name stays inside `folder` (an index naming
+    `../../etc/passwd` or an absolute path must not make cura open that file).
+
+    Note (names, not resolved paths): the check is on the name as written, with `..` folded; a shard that
+    is a symlink is followed, because the Hugging Face cache stores every file of a snapshot as a symlink
+    into its blobs folder, outside the snapshot."""
     if not isinstance(name, str) or not name.strip():
         raise CuraError(f"{index} names a shard {name!r}, which is not a file name: re-save the model")
-    shard = (folder / name).resolve()
-    if not shard.is_relative_to(folder.resolve()):
+    base = Path(os.path.normpath(os.path.abspath(folder)))
+    shard = Path(os.path.normpath(base / name))
+    if shard == base or not shard.is_relative_to(base):
         raise CuraError(
             f"{index} names shard {name!r}, which lies outside the model folder {folder}: cura reads only "
             "shards inside it; fix the index or re-save the model"

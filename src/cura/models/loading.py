@@ -213,7 +213,13 @@ def check_weights_match_config(model, ckpt, folder: Path) -> None:
     stored shape (a `hidden_size` wider than the weights), and the weights may not hold more layers than
     `num_hidden_layers` (the extra layers would be left out of training without a word)."""
     config = model.config
-    layers = {int(m.group(1)) for key in ckpt.keys() if (m := _LAYER_INDEX.search(key))}
+    # the stacks of the skeleton ("model.layers."), so that other stored stacks (a vision tower) do not count
+    stacks = {key[: m.start(1)] for key, _ in model_tensors(model, set()) if (m := _LAYER_INDEX.search(key))}
+    layers = {
+        int(m.group(1))
+        for key in ckpt.keys()
+        if (m := _LAYER_INDEX.search(key)) and key[: m.start(1)] in stacks
+    }
     wanted = getattr(config, "num_hidden_layers", None)
     if layers and isinstance(wanted, int) and max(layers) + 1 > wanted:
         raise CuraError(
