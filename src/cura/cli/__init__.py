@@ -191,14 +191,18 @@ def report_bug(exc: BaseException, argv: list[str]) -> int:
     from cura.crash import save_crash_report
 
     path = save_crash_report(exc, argv)
-    kind = "out of memory" if isinstance(exc, MemoryError) else "an unexpected error"
     summary = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip(": ")[:200]
-    where = f"the traceback is in {path}" if path else "the traceback could not be saved"
-    print(
-        f"error: cura stopped on {kind} ({summary}); this is a bug in cura unless the machine ran out of "
-        f"memory: {where} (please attach it to a bug report)",
-        file=sys.stderr,
-    )
+    where = f"the traceback is saved in {path}" if path else "the traceback could not be saved"
+    if isinstance(exc, MemoryError):
+        message = (
+            f"cura ran out of memory ({summary}); lower --batch-size or --seq-len (`cura estimate` shows "
+            f"what a run needs); {where}"
+        )
+    else:
+        message = (
+            f"cura stopped on an unexpected error ({summary}), a bug: {where}; please attach it to a report"
+        )
+    print(f"error: {message}", file=sys.stderr)
     return EXIT_BUG
 
 
