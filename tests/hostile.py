@@ -243,6 +243,15 @@ CONFIG_CASES = [
     yaml_case("10,000-level nesting in a YAML config", b"lora: " + b"[" * 10_000 + b"\n"),
     yaml_case("5,000-digit integer in a YAML config", b"max_steps: " + BIG_INT + b"\n"),
     yaml_case("YAML config that is a list", b"- lr\n- 1\n"),
+    yaml_case("YAML alias to its own parent", b"lora: &a\n  target_modules: [*a]\n"),
+    yaml_case(
+        "YAML billion laughs",
+        b"a: &a [x, x, x, x, x, x, x, x, x]\n"
+        + b"".join(
+            f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n".encode() for p, n in zip("abcdefgh", "bcdefghi")
+        )
+        + b"lora: {target_modules: *i}\n",
+    ),
 ]
 
 

@@ -25,6 +25,8 @@ MAX_DEPTH = 100
 """levels of nested lists/objects accepted in one row or config file"""
 MAX_ROW_CHARS = 64 * 1024 * 1024
 """characters accepted in one data row (a JSON Lines line, a CSV field)"""
+MAX_VALUES = 10_000_000
+"""values (lists, objects and scalars) one row or config file may hold once YAML aliases are expanded"""
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 """bytes accepted in a YAML config or a model's JSON file"""
 
@@ -75,28 +77,68 @@ def read_text(path: str | Path, *, what: str = "file", max_bytes: int | None = N
     return decode_text(data, path)
 
 
-def depth(value: Any, limit: int = MAX_DEPTH) -> int:
-    """How deeply lists/dicts nest in `value`, counted without recursion and stopping past `limit`."""
-    deepest, todo = 0, [(value, 1)]
-    while todo:
-        node, level = todo.pop()
-        if isinstance(node, dict):
-            children = node.values()
-        elif isinstance(node, (list, tuple)):
-            children = node
-        else:
-            continue
-        deepest = max(deepest, level)
+def _children(node: Any) -> list | None:
+    if isinstance(node, dict):
+        return list(node.values())
+    if isinstance(node, (list, tuple)):
+        return list(node)
+    return None
+
+
+def walk(value: Any, limit: int = MAX_DEPTH) -> tuple[float, int]:
+    """(how deeply lists/dicts nest in `value`, how many values it holds once every shared reference is
+    expanded), counted without recursion; the depth stops being counted past `limit` and is infinite for
+    a structure that contains itself (a YAML alias to its own parent).
+
+    Note (shared references): YAML aliases share one object in many places (a "billion laughs" file is 9
+    levels of 9 references each, 9**9 values once expanded). Each container is walked once, so checking
+    that file costs 81 visits; code that later iterates it would take minutes, hence the expanded count."""
+    kids = _children(value)
+    if kids is None:
+        return 0, 1
+    deepest, sizes, on_path = 0, {}, {id(value)}
+    stack = [(value, iter(kids))]
+    while stack:
+        node, pending = stack[-1]
+        deepest = max(deepest, len(stack))
         if deepest > limit:
-            return deepest
-        todo.extend((child, level + 1) for child in children)
-    return deepest
+            return deepest, 0
+        for child in pending:
+            grandchildren = _children(child)
+            if grandchildren is None or id(child) in sizes:
+                continue
+            if id(child) in on_path:
+                return float("inf"), 0
+            stack.append((child, iter(grandchildren)))
+            on_path.add(id(child))
+            break
+        else:
+            stack.pop()
+            on_path.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes.get(id(c), 1) for c in _children(node))
+    return deepest, sizes[id(value)]
 
 
-def check_depth(value: Any, where: str, limit: int = MAX_DEPTH) -> Any:
-    """`value`, or CuraError when it nests more than `limit` levels."""
-    if depth(value, limit) > limit:
+def depth(value: Any, limit: int = MAX_DEPTH) -> float:
+    """How deeply lists/dicts nest in `value` (see `walk`)."""
+    return walk(value, limit)[0]
+
+
+def check_depth(value: Any, where: str, limit: int = MAX_DEPTH, max_values: int = MAX_VALUES) -> Any:
+    """`value`, or CuraError when it nests more than `limit` levels, contains itself, or holds more than
+    `max_values` values once its shared references are expanded."""
+    found, size = walk(value, limit)
+    if found == float("inf"):
+        raise CuraError(
+            f"{where}: a value contains itself (a YAML alias to its own parent); remove the alias"
+        )
+    if found > limit:
         raise CuraError(f"{where}: nested more than {limit} levels deep; flatten it")
+    if size > max_values:
+        raise CuraError(
+            f"{where}: holds {size:,} values once its aliases are expanded, more than the {max_values:,} "
+            "accepted; write the values out or shorten them"
+        )
     return value
 
 
