@@ -375,6 +375,14 @@ def _foreign_gguf(path: Path) -> None:
     write_gguf(path, arch="no-such-architecture")
 
 
+def _train_on_gguf(tmp: Path, env: Env, build: Callable[[Path], None]):
+    file = tmp / "model.gguf"
+    build(file)
+    args = train_args(env, tmp)
+    args[args.index("--model") + 1] = str(file)
+    return args, str(file)
+
+
 MODEL_CASES = [
     model_json_case("latin-1 byte in config.json", b'{"model_type": "llama", "name": "caf\xe9"}'),
     model_json_case("10,000-level nesting in config.json", b'{"a": ' + DEEP + b"}"),
@@ -401,6 +409,10 @@ MODEL_CASES = [
     gguf_case("GGUF magic then random bytes", _random_gguf),
     gguf_case("GGUF of an architecture transformers cannot read", _foreign_gguf),
     gguf_case("random bytes named .gguf", lambda p: p.write_bytes(os.urandom(300))),
+    Case(
+        "model files", "truncated .gguf in train", lambda tmp, env: _train_on_gguf(tmp, env, _truncated_gguf)
+    ),
+    Case("model files", "foreign .gguf in train", lambda tmp, env: _train_on_gguf(tmp, env, _foreign_gguf)),
 ]
 
 
