@@ -115,7 +115,7 @@ def test_generate_and_chat_user_errors_are_one_line(tmp_path):
 
 
 def test_chat_reports_a_failed_generation_and_exits_instead_of_hanging(tiny_with_adapter):
-    """Generation raising in chat's worker thread (here transformers refuses top_p=-1 when sampling) must
+    """Generation raising in chat's worker thread (here cura.generate refuses top_p=-1) must
     end the stream: one error line and a non-zero exit, not a reader waiting forever on the streamer."""
     base, adapter = tiny_with_adapter
     try:
@@ -128,5 +128,5 @@ def test_chat_reports_a_failed_generation_and_exits_instead_of_hanging(tiny_with
     except subprocess.TimeoutExpired:
         pytest.fail("cura chat hung after generation failed in its worker thread")
     assert proc.returncode == 1, proc.stderr
-    assert "error: generation failed (ValueError: `top_p` has to be a float" in proc.stderr
+    assert "error: generation failed (CuraError: --top-p is -1.0" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout.count("assistant> ") == 1

@@ -289,17 +289,28 @@ def leaf_fields(cls, prefix: str = "") -> list[tuple[str, Any, dataclasses.Field
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a mapping. Safe loading only (no Python tags); every way the file can be wrong
+    (missing, not UTF-8, too large, bad syntax, nested too deep, a number too long) is one sentence naming
+    file:line (see `cura.inputs`)."""
     import yaml
+
+    from cura.inputs import MAX_CONFIG_BYTES, check_depth, read_text
 
     path = Path(path)
     if not path.is_file():
         raise CuraError(f"config file {path} does not exist; pass the path of a YAML file")
+    text = read_text(path, what="config file", max_bytes=MAX_CONFIG_BYTES)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise CuraError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)}); fix the syntax") from None
+    except RecursionError:
+        raise CuraError(f"{path}: nested too deeply to be a config; flatten it") from None
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+        reason = "a number has more than 4,300 digits" if "digits" in str(exc) else str(exc)
+        raise CuraError(f"{path}: a value cannot be read ({reason}); fix it") from None
     if not isinstance(data, dict):
         raise CuraError(f"{path}: a config file must be a mapping of keys to values")
-    return data
+    return check_depth(data, str(path))

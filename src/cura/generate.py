@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from cura.constants import DEFAULT_MAX_NEW_TOKENS
+from cura.errors import CuraError
 
 Messages = list[dict[str, str]]
 
@@ -65,13 +66,31 @@ def stop_token_ids(tokenizer) -> list[int]:
     return ids
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, batch_size: int) -> None:
+    """One sentence for sampling settings that cannot work (a NaN temperature made torch.multinomial fail
+    deep inside the loop; a negative token count generated nothing without a word)."""
+    if max_new_tokens < 1:
+        raise CuraError(f"--max-new-tokens is {max_new_tokens}; use 1 or more")
+    if not 0 <= temperature < float("inf"):
+        raise CuraError(f"--temperature is {temperature}; use 0 (greedy) or a positive number such as 0.7")
+    if not 0 < top_p <= 1:
+        raise CuraError(f"--top-p is {top_p}; use a number above 0 and at most 1")
+    if batch_size < 1:
+        raise CuraError(f"batch_size is {batch_size}; use 1 or more")
+
+
 def render(tokenizer, prompt: str | Messages, *, chat: bool = True) -> str:
     """The prompt as the model sees it: the chat template with the assistant turn opened."""
     if isinstance(prompt, str):
         if not chat or not getattr(tokenizer, "chat_template", None):
             return prompt
         prompt = [{"role": "user", "content": prompt}]
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    try:
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # a broken or refusing template: one sentence naming it (not a cura bug)
+        from cura.data.template import template_error
+
+        raise CuraError(template_error(tokenizer, exc)) from None
 
 
 @torch.no_grad()
@@ -89,6 +108,7 @@ def generate(
     progress: bool = False,
 ) -> list[str]:
     """Complete each prompt (greedy when temperature is 0), batched with left padding; returns the new text."""
+    check_sampling(max_new_tokens, temperature, top_p, batch_size)
     texts = [render(tokenizer, p, chat=chat) for p in prompts]
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

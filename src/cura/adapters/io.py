@@ -19,13 +19,12 @@ Every file is written under a temporary name and renamed into place.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from cura.adapters.attach import is_linear, lora_layers, set_trainable, wrap_paths
@@ -33,7 +32,9 @@ from cura.adapters.config import LoraConfig
 from cura.atomic import atomic_file, atomic_folder, write_json
 from cura.constants import ALL_LINEAR
 from cura.errors import CuraError
+from cura.inputs import read_json_file
 from cura.models.base import BaseSpec, peft_base_path
+from cura.safetensors_check import load_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -152,15 +153,8 @@ def _jsonable(value):
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CuraError(
-            f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); rewrite or delete the file"
-        ) from None
-    if not isinstance(data, dict):
-        raise CuraError(f"{path}: expected a JSON object; this is not an adapter config")
-    return data
+    """A JSON object of the adapter folder; one sentence for bad JSON, bytes that are not UTF-8, depth."""
+    return read_json_file(path, "rewrite or delete the file (this is not a valid adapter config)")
 
 
 def _check_folder(folder: Path) -> None:
@@ -250,7 +244,7 @@ def load_adapter(model: nn.Module, folder: str | Path, *, trainable: bool = Fals
         known = {f.name for f in dataclasses.fields(LoraConfig)}
         config = LoraConfig(**{k: v for k, v in cura_lora.items() if k in known})
     where = folder / WEIGHTS_NAME
-    weights = _module_weights(load_file(str(where)), where)
+    weights = _module_weights(load_safetensors(where), where)  # its header checked against the file
     existing = lora_layers(model)
     stray = sorted(set(existing) - set(weights))
     if stray:

@@ -153,14 +153,58 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
+    return run_command(lambda: args.func(args), argv)
+
+
+EXIT_USER, EXIT_BUG, EXIT_INTERRUPTED = 2, 70, 130
+
+
+def run_command(command, argv: list[str]) -> int:
+    """Run `command()` (a subcommand) and turn whatever escapes it into an exit code and one message:
+
+    CuraError                  its sentence, exit 2
+    an OSError the user can fix (full disk, read-only, permissions, a name too long): one sentence, 2
+    KeyboardInterrupt          "interrupted", exit 130
+    anything else (a bug)      a short line with the path of the saved traceback (a bug report), 70
+    """
     try:
-        return int(args.func(args) or 0)
+        return int(command() or 0)
     except CuraError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except OSError as exc:
+        from cura.validate import os_error_sentence
+
+        sentence = os_error_sentence(exc)
+        if sentence is None:
+            return report_bug(exc, argv)
+        print(f"error: {sentence}", file=sys.stderr)
+        return EXIT_USER
+    except Exception as exc:
+        return report_bug(exc, argv)
+
+
+def report_bug(exc: BaseException, argv: list[str]) -> int:
+    """Save the traceback (with the command line and versions) as a crash report and say where it is."""
+    from cura.crash import save_crash_report
+
+    path = save_crash_report(exc, argv)
+    summary = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip(": ")[:200]
+    where = f"the traceback is saved in {path}" if path else "the traceback could not be saved"
+    if isinstance(exc, MemoryError):
+        message = (
+            f"cura ran out of memory ({summary}); lower --batch-size or --seq-len (`cura estimate` shows "
+            f"what a run needs); {where}"
+        )
+    else:
+        message = (
+            f"cura stopped on an unexpected error ({summary}), a bug: {where}; please attach it to a report"
+        )
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_BUG
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ class DataConfig:
                 f"data.fields is {self.fields!r}; use a mapping of column names, e.g. {{prompt: question}}"
             )
         split = self.eval_split
-        if isinstance(split, bool) or not isinstance(split, (int, float)) or split < 0:
+        if isinstance(split, bool) or not isinstance(split, (int, float)) or not 0 <= split < float("inf"):
             raise CuraError(f"data.eval_split is {split!r}; use a fraction below 1 or a row count >= 1")
         if split >= 1 and float(split) != int(split):
             raise CuraError(f"data.eval_split is {split!r}; a count of rows must be a whole number")

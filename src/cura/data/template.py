@@ -49,9 +49,28 @@ def render(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
         )
     except Exception as exc:  # jinja raises its own errors (e.g. raise_exception in the template)
-        raise CuraError(
-            f"the chat template refused a conversation ({exc}); check the roles of the data rows"
-        ) from exc
+        raise CuraError(template_error(tokenizer, exc)) from None
+
+
+def template_error(tokenizer, exc: Exception) -> str:
+    """One sentence for a chat template that failed: a broken template (jinja syntax, with its line) or one
+    that refused the conversation (raise_exception, an undefined variable), naming whose template it is."""
+    import jinja2
+
+    source = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+    files = f"{source}'s tokenizer_config.json or chat_template.jinja"
+    reason = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+    if isinstance(exc, jinja2.TemplateSyntaxError):
+        return (
+            f"the chat template is not a valid template (line {exc.lineno}: {reason}); fix it in {files}, or "
+            "use the model's original tokenizer files"
+        )
+    if isinstance(exc, jinja2.TemplateError):
+        return (
+            f"the chat template refused a conversation ({reason}); check the roles and order of the data rows "
+            f"(the template is {files})"
+        )
+    return f"the chat template failed on a conversation ({type(exc).__name__}: {reason}); check {files}"
 
 
 def render_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:

@@ -14,6 +14,7 @@ tokenizer's 100k+ tokens and merges) are skipped and reported as their length, s
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 from typing import BinaryIO
@@ -37,6 +38,21 @@ _SCALARS = {
 _STRING, _ARRAY = 8, 9
 
 
+# ggml tensor type -> (elements per block, bytes per block), as gguf.constants.GGML_QUANT_SIZES has them
+# (tests/test_hostile_inputs.py checks the two agree); used to check that every tensor lies in the file
+GGML_BLOCKS = {
+    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 9: (32, 40),
+    10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 15: (256, 292),
+    16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18), 21: (256, 110),
+    22: (256, 82), 23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8),
+    29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66), 39: (32, 17), 40: (64, 36), 41: (128, 18),
+}  # fmt: skip
+MAX_DIMS = 4  # GGML_MAX_DIMS
+
+
+MAX_STRING = 64 * 1024 * 1024  # a metadata string read into memory (chat templates are kilobytes)
+
+
 def _read(f: BinaryIO, fmt: str):
     size = struct.calcsize(fmt)
     raw = f.read(size)
@@ -47,6 +63,8 @@ def _read(f: BinaryIO, fmt: str):
 
 def _string(f: BinaryIO) -> str:
     n = _read(f, "<Q")
+    if n > MAX_STRING:  # a damaged length would otherwise ask for exabytes of memory
+        raise ValueError(f"a string of {n:,} bytes")
     raw = f.read(n)
     if len(raw) != n:
         raise EOFError
@@ -54,8 +72,13 @@ def _string(f: BinaryIO) -> str:
 
 
 def _skip_array(f: BinaryIO, kind: int, count: int) -> None:
+    """Seek past an array (seeking past the end allocates nothing; the caller checks the position)."""
     if kind in _SCALARS:
         f.seek(struct.calcsize(_SCALARS[kind]) * count, 1)
+        return
+    if kind == _STRING:
+        for _ in range(count):
+            f.seek(_read(f, "<Q"), 1)
         return
     for _ in range(count):
         _value(f, kind)
@@ -73,8 +96,28 @@ def _value(f: BinaryIO, kind: int):
     raise ValueError(f"unknown GGUF value type {kind}")
 
 
+def _tensor_end(f: BinaryIO, name: str) -> int:
+    """Read one tensor's info; returns where its data ends, relative to the start of the data section."""
+    n_dims = _read(f, "<I")
+    if n_dims > MAX_DIMS:
+        raise ValueError(f"tensor {name} has {n_dims} dimensions")
+    dims = [_read(f, "<Q") for _ in range(n_dims)]
+    kind, offset = _read(f, "<I"), _read(f, "<Q")
+    if kind not in GGML_BLOCKS:
+        raise ValueError(f"tensor {name} has unknown ggml type {kind}")
+    block, size = GGML_BLOCKS[kind]
+    elements = 1
+    for d in dims:
+        elements *= d
+    return offset + elements // block * size
+
+
 def read_gguf_metadata(path: str | Path) -> tuple[dict[str, object], set[str]]:
-    """(metadata key -> value, with arrays as their length; the set of tensor names)."""
+    """(metadata key -> value, with arrays as their length; the set of tensor names).
+
+    The header is checked against the file as it is read: every length fits in what is left of the file,
+    and every tensor's data (offset + its size by ggml type) lies inside it, so a truncated or damaged
+    file is one CuraError here rather than an exabyte allocation or a crash in a later reader."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -88,13 +131,27 @@ def read_gguf_metadata(path: str | Path) -> tuple[dict[str, object], set[str]]:
             for _ in range(n_kv):
                 key = _string(f)
                 meta[key] = _value(f, _read(f, "<I"))
-            names = set()
+            if f.tell() > os.fstat(f.fileno()).st_size:
+                raise EOFError
+            names, end = set(), 0
             for _ in range(n_tensors):
-                names.add(_string(f))
-                n_dims = _read(f, "<I")
-                f.seek(8 * n_dims + 4 + 8, 1)
+                name = _string(f)
+                names.add(name)
+                end = max(end, _tensor_end(f, name))
+            alignment = meta.get("general.alignment", 32)
+            if not isinstance(alignment, int) or alignment < 1:
+                raise ValueError(f"general.alignment is {alignment!r}")
+            data_start = -(-f.tell() // alignment) * alignment
+            size = f.seek(0, 2)
+            if data_start + end > size:
+                raise CuraError(
+                    f"{path} is truncated: its tensors need {data_start + end:,} bytes but the file has "
+                    f"{size:,}; download or export it again"
+                )
             return meta, names
     except (EOFError, ValueError) as e:
         raise CuraError(
-            f"{path} has a damaged or truncated GGUF header ({e or 'ends early'}): re-export it"
+            f"{path} has a damaged or truncated GGUF header ({str(e) or 'it ends early'}): re-export it"
         ) from e
+    except OSError as e:
+        raise CuraError(f"cannot read {path} ({e.strerror or e}); check the path and permissions") from None

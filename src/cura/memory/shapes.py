@@ -16,11 +16,11 @@ gate/up/down): Llama, Mistral, Qwen2, SOLAR and SmolLM2 are exactly that; other 
 from __future__ import annotations
 
 import difflib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from cura.errors import CuraError
+from cura.inputs import read_json_file
 
 
 @dataclass(frozen=True)
@@ -249,10 +249,7 @@ def shape_from_source(source: str | Path) -> ModelShape:
         return shape_from_gguf(path)
     config_file = path / "config.json" if path.is_dir() else path
     if config_file.is_file() and config_file.suffix.lower() == ".json":
-        try:
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise CuraError(f"{config_file}:{e.lineno} is not valid JSON ({e.msg}): fix or restore it") from e
+        config = read_json_file(config_file, "fix or restore it")  # file:line, encoding, depth (cura.inputs)
         return shape_from_config(config, name=path.name if path.is_dir() else path.parent.name)
     if path.is_dir():
         raise CuraError(

@@ -16,8 +16,7 @@ with offsets relative to the start of the data section.
 
 from __future__ import annotations
 
-import json
-import struct
+import os
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,9 @@ from pathlib import Path
 import torch
 
 from cura.errors import CuraError
+from cura.inputs import read_json_file
 from cura.models.sources import INDEX_FILE, SINGLE_FILE
+from cura.safetensors_check import read_safetensors_header
 
 DTYPES = {
     "F64": torch.float64,
@@ -58,21 +59,9 @@ class TensorEntry:
 
 
 def read_header(file: Path) -> dict[str, TensorEntry]:
-    """{key: TensorEntry} from a safetensors file's header (reads only the header)."""
-    with open(file, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CuraError(
-                f"{file} is not a safetensors file (shorter than its header): re-download or re-save it"
-            )
-        (size,) = struct.unpack("<Q", raw)
-        try:
-            header = json.loads(f.read(size))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CuraError(
-                f"{file} has a damaged safetensors header ({e}): re-download or re-save it"
-            ) from e
-    start = 8 + size
+    """{key: TensorEntry} from a safetensors file's header (reads only the header, checked against the file's
+    size by `cura.safetensors_check`, so a damaged file is one sentence before any tensor is read)."""
+    header, start = read_safetensors_header(file)
     return {
         key: TensorEntry(
             file,
@@ -82,8 +71,26 @@ def read_header(file: Path) -> dict[str, TensorEntry]:
             tuple(info["shape"]),
         )
         for key, info in header.items()
-        if key != "__metadata__"
     }
+
+
+def shard_path(folder: Path, name, index: Path) -> Path:
+    """The shard `name` of an index, refused unless its name stays inside `folder` (an index naming
+    `../../etc/passwd` or an absolute path must not make cura open that file).
+
+    Note (names, not resolved paths): the check is on the name as written, with `..` folded; a shard that
+    is a symlink is followed, because the Hugging Face cache stores every file of a snapshot as a symlink
+    into its blobs folder, outside the snapshot."""
+    if not isinstance(name, str) or not name.strip():
+        raise CuraError(f"{index} names a shard {name!r}, which is not a file name: re-save the model")
+    base = Path(os.path.normpath(os.path.abspath(folder)))
+    shard = Path(os.path.normpath(base / name))
+    if shard == base or not shard.is_relative_to(base):
+        raise CuraError(
+            f"{index} names shard {name!r}, which lies outside the model folder {folder}: cura reads only "
+            "shards inside it; fix the index or re-save the model"
+        )
+    return shard
 
 
 def checkpoint_entries(folder: Path) -> dict[str, TensorEntry]:
@@ -91,13 +98,12 @@ def checkpoint_entries(folder: Path) -> dict[str, TensorEntry]:
     index = folder / INDEX_FILE
     if not index.is_file():
         return read_header(folder / SINGLE_FILE)
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise CuraError(f"{index} is not a safetensors index (no 'weight_map'): re-save the model") from e
+    weight_map = read_json_file(index, "re-save the model").get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CuraError(f"{index} is not a safetensors index (no 'weight_map' mapping): re-save the model")
     entries = {}
-    for name in sorted(set(weight_map.values())):
-        shard = folder / name
+    shards = {shard_path(folder, name, index): name for name in weight_map.values()}
+    for shard, name in sorted(shards.items()):
         if not shard.is_file():
             raise CuraError(f"{index} names shard {name}, which is missing: copy every shard into {folder}")
         entries.update(read_header(shard))

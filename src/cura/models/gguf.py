@@ -13,11 +13,17 @@ checkpoint. A changed GGUF (new size or mtime) gets a new folder.
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import socket
+import time
 from pathlib import Path
 
 import torch
 
 from cura.atomic import atomic_folder
+from cura.errors import CuraError
+from cura.memory.gguf_meta import read_gguf_metadata
 from cura.models.sources import cache_root
 
 
@@ -51,18 +57,69 @@ def cached_gguf_folder(path: Path, name: str | None = None) -> Path | None:
 
 
 def gguf_to_hf_folder(path: Path, name: str | None = None) -> Path:
-    """The transformers folder for a GGUF file, converting it on first use."""
+    """The transformers folder for a GGUF file, converting it on first use (after checking its header, and
+    removing what conversions killed before they finished left in the cache)."""
     folder = cached_gguf_folder(path, name)
     if folder is not None:
         return folder
+    read_gguf_metadata(path)  # a truncated or foreign file: one sentence, before transformers reads it
     folder = gguf_cache_folder(path, name)
+    remove_stale_conversions(folder.parent)
     try:
         with atomic_folder(folder, overwrite=False) as tmp:
+            owner = tmp / OWNER_FILE
+            owner.write_text(f"{os.getpid()} {socket.gethostname()}\n", encoding="utf-8")
             convert_gguf(Path(path), tmp)
+            owner.unlink()
     except FileExistsError:  # another process finished the same conversion first: keep theirs
         if not (folder / "config.json").is_file():
             raise
     return folder
+
+
+OWNER_FILE = ".cura-converting"
+"""written into a conversion's temporary folder: the PID and host converting, so a later run can tell a
+folder whose converter died (kill -9, power loss) from one still being written"""
+UNOWNED_STALE_SECONDS = 24 * 3600  # a temporary folder without an owner file (older cura) is left a day
+
+
+def remove_stale_conversions(cache: Path) -> list[Path]:
+    """Delete the temporary conversion folders in `cache` whose converting process is gone; returns them."""
+    removed = []
+    if not cache.is_dir():
+        return removed
+    for tmp in cache.iterdir():
+        if tmp.name.startswith(".") and tmp.is_dir() and conversion_is_stale(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def conversion_is_stale(tmp: Path) -> bool:
+    """True when `tmp` was being written by a process of this host that no longer runs (or, without an
+    owner file, when it was last touched more than a day ago)."""
+    try:
+        pid_text, _, host = (tmp / OWNER_FILE).read_text(encoding="utf-8").strip().partition(" ")
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        try:
+            return time.time() - tmp.stat().st_mtime > UNOWNED_STALE_SECONDS
+        except OSError:
+            return False
+    return host == socket.gethostname() and not process_alive(pid)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this PID exists (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    except OverflowError:
+        return False
+    return True
 
 
 def convert_gguf(path: Path, out: Path) -> None:
@@ -71,8 +128,17 @@ def convert_gguf(path: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, file = gguf_args(path)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    except (ValueError, KeyError, TypeError, RuntimeError, OSError) as exc:
+        # transformers reads the architectures it maps (llama, mistral, qwen2, gemma, phi3, ...) and raises
+        # one of these for any other, or for tensors it cannot place
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise CuraError(
+            f"{path} cannot be read as a transformers model ({reason}); give a GGUF of an architecture "
+            "transformers supports, or the model's safetensors folder"
+        ) from None
     # Note: a GGUF-loaded config has architectures=None and a "gguf" quantization marker that would make
     # transformers treat the float32 folder as quantized; the saved folder is a plain checkpoint.
     config = model.config

