@@ -162,8 +162,8 @@ def checkpoint_problem(path: Path) -> str | None:
         if not isinstance(state, dict) or "optimizer" not in state or "scheduler" not in state:
             return f"{COMPLETE_MARKER} lacks the optimizer or scheduler state"
         for name in ("optimizer.safetensors", "rng.safetensors"):
-            load_file(str(path / name))
-        adapter = load_file(str(path / "adapter_model.safetensors"))
+            load_safetensors(path / name)
+        adapter = load_safetensors(path / "adapter_model.safetensors")
     except Exception as exc:  # a damaged file raises whatever its parser raises (SafetensorError, ...)
         return f"{type(exc).__name__}: {str(exc)[:120]}"
     if not all(bool(torch.isfinite(t).all()) for t in adapter.values()):
