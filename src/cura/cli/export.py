@@ -1,6 +1,9 @@
-"""`cura export gguf`: write a GGUF file (and an Ollama Modelfile) for llama.cpp / Ollama."""
+"""`cura export gguf`: write a GGUF file (and an Ollama Modelfile) for llama.cpp / Ollama, checked by reading
+it back and, where xllamacpp is installed, by running it in llama.cpp."""
 
 from __future__ import annotations
+
+import argparse
 
 from cura.cli import SUBCOMMANDS, add_check_arguments, add_model_argument, model_source
 
@@ -14,13 +17,37 @@ def register(sub) -> None:
     add_model_argument(g)
     g.add_argument("--adapter", default=None, help="an adapter folder to merge in first")
     g.add_argument("--output", required=True, help="the .gguf file to write")
-    g.add_argument("--type", dest="out_type", choices=OUT_TYPES, default="f16", help="tensor type")
+    g.add_argument(
+        "--type",
+        dest="out_type",
+        choices=OUT_TYPES,
+        default="f16",
+        help="tensor type (q4_k_m / q5_k_m: llama.cpp's per-tensor mixes)",
+    )
+    g.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the file in llama.cpp and compare its answers with transformers' "
+        "(default: on when xllamacpp is installed: pip install 'cura[llamacpp]')",
+    )
+    g.add_argument(
+        "--lora-only",
+        action="store_true",
+        help="write the --adapter alone as a llama.cpp LoRA GGUF (applied at run time to a base GGUF)",
+    )
+    g.add_argument("--base-gguf", default=None, help="with --lora-only: the base GGUF to verify the adapter on")
     add_check_arguments(g, "skip reading the file back with transformers", TOLERANCES, "type")
     g.set_defaults(func=run_gguf)
 
 
 def run_gguf(args) -> int:
     args.model = model_source(args)  # None with --adapter: its recorded base
+    if args.lora_only:
+        from cura.export.lora_gguf import export_lora_gguf
+
+        export_lora_gguf(args.adapter, args.output, base_gguf=args.base_gguf, verify=args.verify)
+        return 0
     from cura.export import export_gguf
 
     export_gguf(
@@ -30,5 +57,6 @@ def run_gguf(args) -> int:
         out_type=args.out_type,
         check=not args.no_check,
         tolerance=args.tolerance,
+        verify=args.verify,
     )
     return 0
