@@ -109,7 +109,9 @@ def test_gguf_export_reproduces_the_trained_model(trained, tmp_path):
     from cura.export.gguf import TOLERANCES
 
     _, adapter, samples, logits = trained
-    report = export_gguf(None, tmp_path / "run.gguf", adapter=adapter, out_type="f32", log=QUIET)
+    report = export_gguf(
+        None, tmp_path / "run.gguf", adapter=adapter, out_type="f32", verify=False, log=QUIET
+    )
     back = AutoModelForCausalLM.from_pretrained(
         str(tmp_path), gguf_file=str(report.output), dtype=torch.float32
     )
@@ -195,7 +197,11 @@ def test_peft_base_path_of_a_gguf_source_opens_with_transformers(tmp_path, monke
 
     monkeypatch.setenv("CURA_CACHE", str(tmp_path / "cache"))
     export_gguf(
-        save_tiny_base(tmp_path / "base", smol_tokenizer), tmp_path / "t.gguf", out_type="f32", log=QUIET
+        save_tiny_base(tmp_path / "base", smol_tokenizer),
+        tmp_path / "t.gguf",
+        out_type="f32",
+        verify=False,
+        log=QUIET,
     )
     path = peft_base_path(str(tmp_path / "t.gguf"))
     assert Path(path).is_relative_to(tmp_path / "cache")

@@ -36,7 +36,9 @@ def register(sub) -> None:
         action="store_true",
         help="write the --adapter alone as a llama.cpp LoRA GGUF (applied at run time to a base GGUF)",
     )
-    g.add_argument("--base-gguf", default=None, help="with --lora-only: the base GGUF to verify the adapter on")
+    g.add_argument(
+        "--base-gguf", default=None, help="with --lora-only: the base GGUF to verify the adapter on"
+    )
     add_check_arguments(g, "skip reading the file back with transformers", TOLERANCES, "type")
     g.set_defaults(func=run_gguf)
 

@@ -321,14 +321,6 @@ FILE_TYPES = {
 }
 
 
-def unpermute_qk(weight: torch.Tensor, n_head: int) -> torch.Tensor:
-    """The inverse of `permute_qk` (with `n_head` the heads of that matrix: n_head_kv for k_proj)."""
-    rows = weight.shape[0]
-    return (
-        weight.reshape(n_head, rows // n_head // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-    )
-
-
 def _qk_heads(key: str, config) -> int | None:
     """Heads of a q_proj / k_proj weight (the rows `permute_qk` reorders), None for any other tensor."""
     if key.endswith("q_proj.weight"):
@@ -364,8 +356,10 @@ def gguf_tensors(model, arch: str, permute: bool):
 
 @dataclass
 class Written:
-    """What `write_gguf` put in the file: tensor count, type per tensor, and each tensor as llama.cpp reads
-    it back (float32, transformers layout and key), the reference that isolates writer bugs from rounding."""
+    """What `write_gguf` put in the file: tensor count, type per tensor, and each tensor rounded to its type
+    as llama.cpp reads it back (float32, transformers' key and row order): the reference that isolates
+    writer bugs (names, row order, shapes, hyperparameters, tokenizer) from rounding. The quantizers' own
+    bytes are tested against gguf-py's (`tests/test_gguf_quants.py`) and in llama.cpp."""
 
     tensors: int
     types: dict[str, str]
@@ -390,14 +384,18 @@ def write_gguf(
     write_tokenizer(writer, tokenizer, int(config.vocab_size), chat_template, eot)
     tensors = list(gguf_tensors(model, arch, permute))
     has_output = any(name == "output.weight" for name, _, _ in tensors)
-    types, rounded = {}, {}
+    types, rounded, state = {}, {}, model.state_dict()
     for name, data, key in tensors:
         qtype = ggml_type(name, data.shape, out_type, int(config.num_hidden_layers), has_output)
         encoded, raw = encode(data, qtype)
         writer.add_tensor(name, encoded, raw_dtype=raw)
-        back = torch.from_numpy(decode(encoded, qtype).reshape(data.shape))
-        heads = _qk_heads(key, config) if permute else None
-        rounded[key] = unpermute_qk(back, heads) if heads is not None else back
+        if permute and _qk_heads(key, config) is not None:
+            # rounded in transformers' row order, independently of the permutation the file holds (blocks
+            # lie within rows, so rounding commutes with a row permutation): a permutation bug shows
+            hf = state[key].detach().to(torch.float32).numpy()
+            rounded[key] = torch.from_numpy(decode(encode(hf, qtype)[0], qtype).reshape(hf.shape))
+        else:
+            rounded[key] = torch.from_numpy(decode(encoded, qtype).reshape(data.shape))
         types[name] = qtype
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

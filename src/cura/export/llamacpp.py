@@ -119,7 +119,11 @@ class Server:
             },
         )
         tokens = list(out.get("tokens") or [])
-        return tokens, _align(tokens, out.get("completion_probabilities") or []), out.get("stop_type") == "eos"
+        return (
+            tokens,
+            _align(tokens, out.get("completion_probabilities") or []),
+            out.get("stop_type") == "eos",
+        )
 
     def logprob_of(self, context: list[int], token: int) -> float:
         """log p(token | context) from the unbiased logits (the bias only makes it the sampled token)."""
