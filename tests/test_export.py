@@ -438,3 +438,83 @@ def test_gguf_check_reads_the_file_it_wrote_whatever_its_name(tmp_path, monkeypa
         )
         diffs[name] = report.max_abs_logit_diff
     assert diffs["model.gguf"] == diffs["smol.gguf"] <= 1e-5
+
+
+GO_RENDER = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"text/template"
+)
+
+type Message struct{ Role, Content string }
+
+func main() {
+	var in struct {
+		Template string
+		Messages []Message
+	}
+	if err := json.NewDecoder(os.Stdin).Decode(&in); err != nil {
+		panic(err)
+	}
+	t := template.Must(template.New("m").Parse(in.Template))
+	if err := t.Execute(os.Stdout, map[string]any{"Messages": in.Messages}); err != nil {
+		panic(err)
+	}
+}
+"""
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3", "mistral"])
+def test_modelfile_template_renders_in_go_like_the_jinja_template(name, tmp_path, chat_tokenizer):
+    """Go's text/template (what Ollama runs) on the Modelfile's TEMPLATE equals the Jinja template for a
+    single turn, a system prompt, several turns, and a conversation ending in an assistant turn (no
+    generation prompt after it, as Jinja without add_generation_prompt). BOS is llama.cpp's to add."""
+    import shutil
+    import subprocess
+
+    if shutil.which("go") is None:
+        pytest.skip("no `go` on this machine to run text/template (the Modelfile's TEMPLATE language)")
+    style = STYLES[name]
+    template = {
+        "chatml": chat_tokenizer.chat_template,
+        "llama3": LLAMA3_TEMPLATE,
+        "mistral": MISTRAL_TEMPLATE,
+    }
+    tok = copy.deepcopy(chat_tokenizer)
+    tok.bos_token, tok.eos_token = style.bos, style.assistant_suffix or tok.eos_token
+    (tmp_path / "render.go").write_text(GO_RENDER)
+    go = style.go_template()
+    convos = [*CONVERSATIONS, CONVERSATIONS[1][:3]]
+    for convo in convos:
+        final_assistant = convo[-1]["role"] == "assistant"
+        jinja = tok.apply_chat_template(
+            convo, chat_template=template[name], tokenize=False, add_generation_prompt=not final_assistant
+        )
+        proc = subprocess.run(
+            ["go", "run", str(tmp_path / "render.go")],
+            input=json.dumps(
+                {"Template": go, "Messages": [{"Role": m["role"], "Content": m["content"]} for m in convo]}
+            ),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert style.bos + proc.stdout == jinja, convo
+
+
+def test_modelfile_strings_are_literal():
+    """Ollama does no escape processing in quoted strings: a backslash stays, a quote needs triple quotes."""
+    from cura.export.template import quote
+
+    assert quote("<|im_end|>") == '"<|im_end|>"'
+    assert quote("a\\nb") == '"a\\nb"'  # the two characters backslash and n, not a line break
+    assert quote('say "hi" twice') == '"""say "hi" twice"""'
+    assert quote("two\nlines") == '"""two\nlines"""'
+    with pytest.raises(CuraError, match="cannot hold"):
+        quote('x """ y')
+    with pytest.raises(CuraError, match="cannot hold"):
+        quote('ends in "')

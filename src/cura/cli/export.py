@@ -31,25 +31,12 @@ def register(sub) -> None:
         help="run the file in llama.cpp and compare its answers with transformers' "
         "(default: on when xllamacpp is installed: pip install 'cura[llamacpp]')",
     )
-    g.add_argument(
-        "--lora-only",
-        action="store_true",
-        help="write the --adapter alone as a llama.cpp LoRA GGUF (applied at run time to a base GGUF)",
-    )
-    g.add_argument(
-        "--base-gguf", default=None, help="with --lora-only: the base GGUF to verify the adapter on"
-    )
     add_check_arguments(g, "skip reading the file back with transformers", TOLERANCES, "type")
     g.set_defaults(func=run_gguf)
 
 
 def run_gguf(args) -> int:
     args.model = model_source(args)  # None with --adapter: its recorded base
-    if args.lora_only:
-        from cura.export.lora_gguf import export_lora_gguf
-
-        export_lora_gguf(args.adapter, args.output, base_gguf=args.base_gguf, verify=args.verify)
-        return 0
     from cura.export import export_gguf
 
     export_gguf(

@@ -217,11 +217,11 @@ def quote(text: str) -> str:
     """A Modelfile string. Ollama's parser does no escape processing inside quotes (a backslash is a
     backslash), so the text is written literally: in "..." when it has no quote or line break, else in
     triple quotes (which may span lines); text containing three quotes cannot be written at all."""
-    if '"""' in text:
+    if '"""' in text or text.endswith('"'):
         from cura.errors import CuraError
 
         raise CuraError(
-            f'{text!r} contains """, which an Ollama Modelfile string cannot hold; edit the template'
+            f'{text!r} contains """ or ends in a quote, which an Ollama Modelfile string cannot hold; edit the template'
         )
     if '"' in text or "\n" in text:
         return f'"""{text}"""'
