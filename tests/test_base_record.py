@@ -106,7 +106,6 @@ def test_merge_reproduces_the_trained_model(trained, tmp_path):
 
 def test_gguf_export_reproduces_the_trained_model(trained, tmp_path):
     from cura.export import export_gguf
-    from cura.export.gguf import TOLERANCES
 
     _, adapter, samples, logits = trained
     report = export_gguf(
@@ -115,8 +114,8 @@ def test_gguf_export_reproduces_the_trained_model(trained, tmp_path):
     back = AutoModelForCausalLM.from_pretrained(
         str(tmp_path), gguf_file=str(report.output), dtype=torch.float32
     )
-    # the merge's float32 summation order plus the stated f32 export tolerance
-    assert max_diff(back.eval(), samples, logits) < 1e-4 + TOLERANCES["f32"]
+    # the merge's float32 summation order, twice (f32 rounds nothing)
+    assert max_diff(back.eval(), samples, logits) < 2e-4
 
 
 def test_generate_rebuilds_the_fp4_base(trained):
