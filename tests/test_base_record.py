@@ -106,15 +106,16 @@ def test_merge_reproduces_the_trained_model(trained, tmp_path):
 
 def test_gguf_export_reproduces_the_trained_model(trained, tmp_path):
     from cura.export import export_gguf
-    from cura.export.gguf import TOLERANCES
 
     _, adapter, samples, logits = trained
-    report = export_gguf(None, tmp_path / "run.gguf", adapter=adapter, out_type="f32", log=QUIET)
+    report = export_gguf(
+        None, tmp_path / "run.gguf", adapter=adapter, out_type="f32", verify=False, log=QUIET
+    )
     back = AutoModelForCausalLM.from_pretrained(
         str(tmp_path), gguf_file=str(report.output), dtype=torch.float32
     )
-    # the merge's float32 summation order plus the stated f32 export tolerance
-    assert max_diff(back.eval(), samples, logits) < 1e-4 + TOLERANCES["f32"]
+    # the merge's float32 summation order, twice (f32 rounds nothing)
+    assert max_diff(back.eval(), samples, logits) < 2e-4
 
 
 def test_generate_rebuilds_the_fp4_base(trained):
@@ -195,7 +196,11 @@ def test_peft_base_path_of_a_gguf_source_opens_with_transformers(tmp_path, monke
 
     monkeypatch.setenv("CURA_CACHE", str(tmp_path / "cache"))
     export_gguf(
-        save_tiny_base(tmp_path / "base", smol_tokenizer), tmp_path / "t.gguf", out_type="f32", log=QUIET
+        save_tiny_base(tmp_path / "base", smol_tokenizer),
+        tmp_path / "t.gguf",
+        out_type="f32",
+        verify=False,
+        log=QUIET,
     )
     path = peft_base_path(str(tmp_path / "t.gguf"))
     assert Path(path).is_relative_to(tmp_path / "cache")

@@ -421,7 +421,9 @@ def test_a_gguf_source_is_read_from_its_own_path(tmp_path, monkeypatch, smol_tok
         models[seed] = AutoModelForCausalLM.from_config(config).eval()
         models[seed].save_pretrained(tmp_path / f"hf{seed}")
         smol_tokenizer.save_pretrained(tmp_path / f"hf{seed}")
-        export_gguf(tmp_path / f"hf{seed}", path, out_type="f32", check=False, log=lambda *_: None)
+        export_gguf(
+            tmp_path / f"hf{seed}", path, out_type="f32", check=False, verify=False, log=lambda *_: None
+        )
     loaded = load_model(tmp_path / "models" / "model.gguf", quantize=False).model
     key = "model.layers.0.mlp.down_proj.weight"
     torch.testing.assert_close(loaded.state_dict()[key], models[0].state_dict()[key], rtol=0, atol=0)

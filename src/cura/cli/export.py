@@ -1,6 +1,9 @@
-"""`cura export gguf`: write a GGUF file (and an Ollama Modelfile) for llama.cpp / Ollama."""
+"""`cura export gguf`: write a GGUF file (and an Ollama Modelfile) for llama.cpp / Ollama, checked by reading
+it back and, where xllamacpp is installed, by running it in llama.cpp."""
 
 from __future__ import annotations
+
+import argparse
 
 from cura.cli import SUBCOMMANDS, add_check_arguments, add_model_argument, model_source
 
@@ -14,7 +17,20 @@ def register(sub) -> None:
     add_model_argument(g)
     g.add_argument("--adapter", default=None, help="an adapter folder to merge in first")
     g.add_argument("--output", required=True, help="the .gguf file to write")
-    g.add_argument("--type", dest="out_type", choices=OUT_TYPES, default="f16", help="tensor type")
+    g.add_argument(
+        "--type",
+        dest="out_type",
+        choices=OUT_TYPES,
+        default="f16",
+        help="tensor type (q4_k_m / q5_k_m: llama.cpp's per-tensor mixes)",
+    )
+    g.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the file in llama.cpp and compare its answers with transformers' "
+        "(default: on when xllamacpp is installed: pip install 'cura[llamacpp]')",
+    )
     g.add_argument(
         "--overwrite",
         action="store_true",
@@ -36,5 +52,6 @@ def run_gguf(args) -> int:
         check=not args.no_check,
         tolerance=args.tolerance,
         overwrite=args.overwrite,
+        verify=args.verify,
     )
     return 0

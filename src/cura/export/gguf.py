@@ -30,21 +30,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cura.atomic import atomic_file, write_text
+from cura.atomic import atomic_file, write_json, write_text
 from cura.errors import CuraError
 
-OUT_TYPES = ("f32", "f16", "q8_0")
+OUT_TYPES = ("f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
 CURA_KEY = "cura.exported_by"
 """A GGUF metadata key cura writes into every file it exports: such a file may be replaced with --overwrite."""
 MODELFILE_MARK = "# written by cura export"
+REPORT_MARK = "cura export"  # the `written_by` of the verification report beside the file
 
 # HF model_type -> (GGUF architecture, permute q/k rows for GGML rope)
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
 
-# Parity tolerances on logits (max abs difference) when the GGUF is read back by transformers, for the
-# weight rounding each type brings (measured on the tiny test models and the bundled 135M model).
-# Bundled SmolLM2-135M (logits up to ~30): f16 0.099 measured.
-TOLERANCES = {"f32": 1e-4, "f16": 0.25, "q8_0": 1.0}
+# The read-back check compares the file with the source whose weights were rounded exactly as written, so
+# only float32 summation order separates them (measured: ~1e-5 on the tiny models, ~1e-4 on SmolLM2-135M
+# whose logits reach ~30). Anything larger is a tensor written wrong, whatever the type.
+WRITER_TOLERANCE = 2e-3
+TOLERANCES = {t: WRITER_TOLERANCE for t in OUT_TYPES}  # --tolerance help: the same for every type
 
 PROBE_TEXTS = (
     "Hello, world! This is a test of the tokenizer.",
@@ -55,7 +57,7 @@ PROBE_TEXTS = (
 
 @dataclass
 class ExportReport:
-    """What `export_gguf` wrote and how the read-back compared with the source."""
+    """What `export_gguf` wrote and how the checks compared it with the source."""
 
     output: Path
     modelfile: Path
@@ -63,14 +65,24 @@ class ExportReport:
     architecture: str
     tensors: int
     bytes: int
-    max_abs_logit_diff: float | None = None
+    types: str = ""
+    max_abs_logit_diff: float | None = None  # read back vs the source rounded as written (writer bugs)
     tolerance: float | None = None
     tokenizer_roundtrip: bool | None = None
+    rounding: dict | None = None  # probes.Agreement of the read-back with the unrounded source
+    llamacpp: dict | None = None  # cura.export.llamacpp.verify_in_llamacpp
+    report: Path | None = None
     warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        out = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+        out["format"] = 1
+        return out
 
 
 def permute_qk(weight: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
-    """llama.cpp's `LlamaModel.permute`: rows of each head reordered from halves to interleaved pairs."""
+    """llama.cpp's `LlamaModel.permute`: rows of each head reordered from halves to interleaved pairs
+    (`n_head_kv`, when given and different, is the head count of this matrix, as for k_proj)."""
     if n_head_kv is not None and n_head != n_head_kv:
         n_head = n_head_kv
     rows = weight.shape[0]
@@ -228,16 +240,70 @@ def write_tokenizer(writer, tokenizer, vocab_size: int, chat_template: str | Non
         writer.add_chat_template(chat_template)
 
 
-def tensor_type(name: str, tensor: np.ndarray, out_type: str):
-    """(data, raw GGML type or None) for one tensor: 1-D tensors stay f32; q8_0 needs rows of 32k values."""
+def use_more_bits(i_layer: int, n_layer: int) -> bool:
+    """llama.cpp's `use_more_bits` (llama-quant.cpp): the first and last eighth of the layers and every
+    third one between get the larger type in the _M mixes."""
+    return i_layer < n_layer // 8 or i_layer >= 7 * n_layer // 8 or (i_layer - n_layer // 8) % 3 == 2
+
+
+# a type llama.cpp cannot use for a row length (not a multiple of its block) -> the one it falls back to
+FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+def ggml_type(name: str, shape: tuple[int, ...], out_type: str, n_layer: int, has_output: bool) -> str:
+    """The tensor type `llama-quantize` picks for one tensor of a `--type` export (`llama_tensor_get_type`
+    in llama-quant.cpp, for the types cura writes, without an imatrix):
+
+    - 1-D tensors (norms, biases): F32; f32 / f16 exports: that type everywhere
+    - q8_0: Q8_0 (F16 where a row is not a multiple of 32, as convert_hf_to_gguf.py does)
+    - the output matrix (or the token embedding when it is tied to the output): Q6_K for every quantized
+      type but q8_0
+    - q4_k_m / q5_k_m: Q4_K / Q5_K, with attn_v and ffn_down in Q6_K for the layers `use_more_bits` names
+    - a K type that does not fit the row length falls back as llama.cpp does (Q4_K -> Q5_0, Q5_K -> Q5_1,
+      Q6_K -> Q8_0), and to F16 when that does not fit either
+    """
+    from cura.export.ggml_quants import fits
+
+    if len(shape) == 1 or out_type == "f32":
+        return "F32"
+    if out_type == "f16":
+        return "F16"
+    if out_type == "q8_0":
+        return "Q8_0" if fits(shape[-1], "Q8_0") else "F16"
+    qtype = {"q4_0": "Q4_0", "q6_k": "Q6_K", "q5_k_m": "Q5_K", "q4_k_m": "Q4_K"}[out_type]
+    layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
+    if name == "output.weight" or (not has_output and name == "token_embd.weight"):
+        qtype = "Q6_K" if fits(shape[-1], "Q6_K") else "Q8_0"
+    elif out_type in ("q4_k_m", "q5_k_m") and (".attn_v." in name or ".ffn_down" in name):
+        if use_more_bits(layer, n_layer):
+            qtype = "Q6_K"
+    if not fits(shape[-1], qtype):
+        qtype = FALLBACK.get(qtype, "F16")
+        if not fits(shape[-1], qtype):
+            qtype = "F16"
+    return qtype
+
+
+def encode(tensor: np.ndarray, qtype: str):
+    """(array to write, raw GGML type for `add_tensor` or None) of a float32 tensor in `qtype`."""
     import gguf
 
-    if tensor.ndim == 1 or out_type == "f32":
+    from cura.export.ggml_quants import quantize
+
+    if qtype == "F32":
         return tensor.astype(np.float32), None
-    if out_type == "q8_0" and tensor.shape[-1] % 32 == 0:
-        q = gguf.GGMLQuantizationType.Q8_0
-        return gguf.quants.quantize(tensor.astype(np.float32), q), q
-    return tensor.astype(np.float16), None
+    if qtype == "F16":
+        return tensor.astype(np.float16), None
+    return quantize(tensor, qtype), gguf.GGMLQuantizationType[qtype]
+
+
+def decode(data: np.ndarray, qtype: str) -> np.ndarray:
+    """What llama.cpp reads back from `encode`'s array, in float32 (gguf-py's dequantizers)."""
+    from cura.export.ggml_quants import dequantize
+
+    if qtype in ("F32", "F16"):
+        return data.astype(np.float32)
+    return dequantize(data, qtype)
 
 
 def gguf_name(config, arch: str) -> str:
@@ -248,16 +314,32 @@ def gguf_name(config, arch: str) -> str:
     return f"{name}-model" if name == "mistral" else name
 
 
-FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0"}
+FILE_TYPES = {
+    "f32": "ALL_F32",
+    "f16": "MOSTLY_F16",
+    "q8_0": "MOSTLY_Q8_0",
+    "q6_k": "MOSTLY_Q6_K",
+    "q5_k_m": "MOSTLY_Q5_K_M",
+    "q4_k_m": "MOSTLY_Q4_K_M",
+    "q4_0": "MOSTLY_Q4_0",
+}
+
+
+def _qk_heads(key: str, config) -> int | None:
+    """Heads of a q_proj / k_proj weight (the rows `permute_qk` reorders), None for any other tensor."""
+    if key.endswith("q_proj.weight"):
+        return config.num_attention_heads
+    if key.endswith("k_proj.weight"):
+        return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return None
 
 
 def gguf_tensors(model, arch: str, permute: bool):
-    """(GGUF name, float32 numpy array) for every tensor to write, in llama.cpp's names and row order."""
+    """(GGUF name, float32 numpy array, transformers key) for every tensor to write, in llama.cpp's names
+    and row order."""
     import gguf
 
     config = model.config
-    n_head = config.num_attention_heads
-    n_kv = getattr(config, "num_key_value_heads", None) or n_head
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     for key, tensor in model.state_dict().items():
@@ -270,61 +352,80 @@ def gguf_tensors(model, arch: str, permute: bool):
                 "supported by cura's export, use llama.cpp's convert_hf_to_gguf.py"
             )
         data = tensor.detach().to(torch.float32)
-        if permute and key.endswith("q_proj.weight"):
-            data = permute_qk(data, n_head, n_head)
-        elif permute and key.endswith("k_proj.weight"):
-            data = permute_qk(data, n_head, n_kv)
-        yield name, data.numpy()
+        heads = _qk_heads(key, config) if permute else None
+        if heads is not None:
+            data = permute_qk(data, heads)
+        yield name, data.numpy(), key
+
+
+@dataclass
+class Written:
+    """What `write_gguf` put in the file: tensor count, type per tensor, and each tensor rounded to its type
+    as llama.cpp reads it back (float32, transformers' key and row order): the reference that isolates
+    writer bugs (names, row order, shapes, hyperparameters, tokenizer) from rounding. The quantizers' own
+    bytes are tested against gguf-py's (`tests/test_gguf_quants.py`) and in llama.cpp."""
+
+    tensors: int
+    types: dict[str, str]
+    rounded: dict[str, torch.Tensor]
 
 
 def write_gguf(
     model, tokenizer, path: Path, out_type: str, chat_template: str | None, eot: str | None
-) -> int:
-    """Write `model` + `tokenizer` as GGUF to `path` (through a temporary name); returns the tensor count."""
+) -> Written:
+    """Write `model` + `tokenizer` as GGUF to `path` (the caller makes it atomic)."""
     import gguf
 
     if out_type not in OUT_TYPES:
         raise CuraError(f"--type must be one of {', '.join(OUT_TYPES)}, got '{out_type}'")
-    arch, permute = gguf_architecture(model.config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), arch)
-        writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_name(gguf_name(model.config, arch))
-        writer.add_string(CURA_KEY, "cura")
-        writer.add_file_type(int(getattr(gguf.LlamaFileType, FILE_TYPES[out_type])))
-        write_hparams(writer, model.config)
-        write_tokenizer(writer, tokenizer, int(model.config.vocab_size), chat_template, eot)
-        count = 0
-        for name, data in gguf_tensors(model, arch, permute):
-            data, raw = tensor_type(name, data, out_type)
-            writer.add_tensor(name, data, raw_dtype=raw)
-            count += 1
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-    return count
+    config = model.config
+    arch, permute = gguf_architecture(config)
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(gguf_name(config, arch))
+    writer.add_string(CURA_KEY, "cura")
+    writer.add_file_type(int(getattr(gguf.LlamaFileType, FILE_TYPES[out_type])))
+    write_hparams(writer, config)
+    write_tokenizer(writer, tokenizer, int(config.vocab_size), chat_template, eot)
+    tensors = list(gguf_tensors(model, arch, permute))
+    has_output = any(name == "output.weight" for name, _, _ in tensors)
+    types, rounded, state = {}, {}, model.state_dict()
+    for name, data, key in tensors:
+        qtype = ggml_type(name, data.shape, out_type, int(config.num_hidden_layers), has_output)
+        encoded, raw = encode(data, qtype)
+        writer.add_tensor(name, encoded, raw_dtype=raw)
+        if permute and _qk_heads(key, config) is not None:
+            # rounded in transformers' row order, independently of the permutation the file holds (blocks
+            # lie within rows, so rounding commutes with a row permutation): a permutation bug shows
+            hf = state[key].detach().to(torch.float32).numpy()
+            rounded[key] = torch.from_numpy(decode(encode(hf, qtype)[0], qtype).reshape(hf.shape))
+        else:
+            rounded[key] = torch.from_numpy(decode(encoded, qtype).reshape(data.shape))
+        types[name] = qtype
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Written(len(tensors), types, rounded)
+
+
+def type_summary(types: dict[str, str]) -> str:
+    """ "Q4_K x 150, Q6_K x 40, F32 x 61": how many tensors of each type a file holds."""
+    from collections import Counter
+
+    return ", ".join(f"{t} x {n}" for t, n in Counter(types.values()).most_common())
 
 
 @torch.no_grad()
-def check_gguf(model, tokenizer, path: Path, texts=PROBE_TEXTS) -> tuple[float, bool]:
-    """(max |logit difference| of the GGUF read back by transformers vs `model`, tokenizer round trip ok)."""
+def read_back(path: Path):
+    """The GGUF loaded by transformers' own GGUF loader (float32), and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cura.models.gguf import gguf_args
 
     folder, file = gguf_args(path)  # the absolute path: a bare name may load another file (see gguf_args)
-    back = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
-    back_tok = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    same_ids = all(tokenizer(t).input_ids == back_tok(t).input_ids for t in texts)
-    worst = 0.0
-    for text in texts:
-        ids = torch.tensor([tokenizer(text).input_ids])
-        ref = model(input_ids=ids).logits.float()
-        got = back(input_ids=ids).logits.float()
-        worst = max(worst, (ref - got).abs().max().item())
-    return worst, same_ids
+    back = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32).eval()
+    return back, AutoTokenizer.from_pretrained(folder, gguf_file=file)
 
 
 def export_gguf(
@@ -336,14 +437,22 @@ def export_gguf(
     check: bool = True,
     tolerance: float | None = None,
     overwrite: bool = False,
+    verify: bool | None = None,
+    prompts=None,
     log=print,
 ) -> ExportReport:
     """Export `model_source` (HF folder | .gguf | bnb folder | "smollm2-135m"), with `adapter` merged in when
-    given (into the base it records; `model_source` None: that one), to the GGUF file `output` of type `out_type` (f16 | f32 | q8_0), plus an Ollama `Modelfile`
-    beside it. With `check`, the file is read back with transformers' GGUF loader: logits must agree with
-    the source within `tolerance` (default `TOLERANCES[out_type]`) and the tokenizer must give the same ids;
-    otherwise CuraError. Returns an `ExportReport`."""
-    from cura.export.template import detect_style, modelfile_text
+    given (into the base it records; `model_source` None: that one), to the GGUF file `output` of type
+    `out_type` (see `OUT_TYPES`), plus an Ollama Modelfile `<output stem>.Modelfile` beside it.
+
+    With `check`, the file is read back with transformers' GGUF loader and compared with the source whose
+    weights were rounded exactly as written (`Written.rounded`): any difference beyond float32 summation
+    order (`tolerance`, default `WRITER_TOLERANCE`) is a writer bug, and the tokenizer must give the same
+    ids. The rounding itself is reported as answer agreement with the unrounded source (`probes`). With
+    `verify` (default: when xllamacpp is installed) llama.cpp loads the file and its answers are compared
+    with transformers' (`cura.export.llamacpp`). The file and the Modelfile appear under their names only
+    when every check passed; the report is saved beside the file as `<output>.verify.json`."""
+    from cura.export.template import detect_style
 
     output = Path(output)
     if output.suffix.lower() != ".gguf":
@@ -351,6 +460,7 @@ def export_gguf(
     if out_type not in OUT_TYPES:
         raise CuraError(f"--type must be one of {', '.join(OUT_TYPES)}, got '{out_type}'")
     check_export_targets(output, overwrite)
+    verify = _want_verify(verify)
     warnings: list[str] = []
     if adapter is not None:  # merged in memory in float32, so the GGUF's only rounding is its own type
         from cura.export.merge import merge_in_memory
@@ -359,30 +469,85 @@ def export_gguf(
         model, tokenizer, warnings = merged.model, merged.tokenizer, merged.warnings
     else:
         model, tokenizer = _load_full(model_source)
+    model.eval()
     template = getattr(tokenizer, "chat_template", None)
     style = detect_style(tokenizer, template).style if template else None
     eot = (style.assistant_suffix.strip() or None) if style is not None else None
-    count = write_gguf(model, tokenizer, output, out_type, template, eot)
+    arch, _ = gguf_architecture(model.config)
+    modelfile = output.with_suffix(".Modelfile")
+    result = ExportReport(output, modelfile, out_type, arch, 0, 0, warnings=warnings)
+    source = SourceAnswers.compute(model, tokenizer, model_source, adapter, prompts, verify, eot, log)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(output) as tmp:
+        written = write_gguf(model, tokenizer, tmp, out_type, template, eot)
+        result.tensors, result.bytes = written.tensors, tmp.stat().st_size
+        result.types = type_summary(written.types)
+        log(f"wrote {output.name} ({out_type}: {result.types}; {result.bytes / 2**20:.1f} MiB), checking it")
+        if check:
+            verify_export(result, model, tokenizer, tmp, written, source, tolerance, log)
+        written = None
+        if verify:
+            from cura.export.llamacpp import verify_in_llamacpp
+
+            result.llamacpp = verify_in_llamacpp(tmp, tokenizer, source, out_type, log=log)
+        text, warning = _modelfile(output, tokenizer, template, result)
+        write_text(modelfile, text)
+    result.report = output.with_name(output.name + ".verify.json")
+    write_json(result.report, {"written_by": REPORT_MARK, **result.to_dict()})
+    log(f"wrote {output} and {modelfile}; report {result.report}")
+    for line in run_commands(result):
+        log(line)
+    return result
+
+
+def _want_verify(verify: bool | None) -> bool:
+    """--verify default: on when xllamacpp is installed; asked for explicitly, it must be."""
+    from cura.optional import available, require
+
+    if verify is None:
+        return available("xllamacpp")
+    if verify:
+        require("xllamacpp", extra="llamacpp", purpose="cura export gguf --verify")
+    return verify
+
+
+def _modelfile(output: Path, tokenizer, template, result: ExportReport) -> tuple[str, str | None]:
+    from cura.export.template import modelfile_text
+
     text, warning = modelfile_text(output.name, tokenizer, template)
     if warning:
-        warnings.append(warning)
-        log(f"warning: {warning}")
-    modelfile = output.with_name("Modelfile")
-    write_text(modelfile, f"{text}{MODELFILE_MARK} for {output.name}\n")
-    arch, _ = gguf_architecture(model.config)
-    result = ExportReport(output, modelfile, out_type, arch, count, output.stat().st_size, warnings=warnings)
-    log(f"wrote {output} ({out_type}, {count} tensors, {result.bytes / 2**20:.1f} MiB) and {modelfile}")
-    if check:
-        verify_export(result, model, tokenizer, tolerance, log)
-    return result
+        result.warnings.append(warning)
+    return f"{text}{MODELFILE_MARK} for {output.name}\n", warning
+
+
+def run_commands(result: ExportReport) -> list[str]:
+    """How to run what was written, and the prompt settings that were verified."""
+    name = result.output.stem.lower().replace("_", "-").replace(".", "-")
+    lines = [
+        f"run it in llama.cpp:  llama-server -m {result.output} --jinja",
+        f"run it in Ollama:     ollama create {name} -f {result.modelfile} && ollama run {name}",
+    ]
+    cpp = result.llamacpp or {}
+    if cpp:
+        lines.append(
+            f"verified in llama.cpp {cpp.get('version', '')}: chat template rendered by llama.cpp (--jinja) "
+            f"{'identical' if cpp.get('prompt_identical') else 'DIFFERENT'}, token ids "
+            f"{'identical' if cpp.get('ids_identical') else 'DIFFERENT'}, stops at {cpp.get('stop_token')!r}"
+        )
+    return lines
 
 
 def _written_by_cura(path: Path) -> bool:
     """Whether `path` is a file cura exported: a GGUF with `CURA_KEY`, or a Modelfile with cura's mark."""
-    if path.name == "Modelfile":
+    if path.name.endswith("Modelfile"):
         try:
             return MODELFILE_MARK in path.read_text(encoding="utf-8", errors="replace")
         except OSError:
+            return False
+    if path.name.endswith(".verify.json"):
+        try:
+            return json.loads(path.read_text(encoding="utf-8")).get("written_by") == REPORT_MARK
+        except (OSError, ValueError, AttributeError):
             return False
     import gguf
 
@@ -395,7 +560,7 @@ def _written_by_cura(path: Path) -> bool:
 def check_export_targets(output: Path, overwrite: bool) -> None:
     """Refuse, before anything is loaded, to replace a .gguf or Modelfile that cura did not write, and one
     it did without `overwrite`."""
-    for path in (output, output.with_name("Modelfile")):
+    for path in (output, output.with_suffix(".Modelfile"), output.with_name(output.name + ".verify.json")):
         if not path.exists():
             continue
         if path.is_dir():
@@ -420,24 +585,91 @@ def _load_full(model_source):
     return loaded.model, loaded.tokenizer
 
 
-def verify_export(result: ExportReport, model, tokenizer, tolerance: float | None, log=print) -> None:
-    """Read the written file back with transformers' GGUF loader: the tokenizer must give the same ids and
-    the logits must agree with `model` within `tolerance` (default `TOLERANCES[type]`); else CuraError."""
-    output, out_type = result.output, result.out_type
-    result.tolerance = TOLERANCES[out_type] if tolerance is None else tolerance
-    result.max_abs_logit_diff, result.tokenizer_roundtrip = check_gguf(model, tokenizer, output)
-    log(
-        f"parity: max |logit diff| {result.max_abs_logit_diff:.3g} (tolerance {result.tolerance:g} for "
-        f"{out_type}); tokenizer round trip {'ok' if result.tokenizer_roundtrip else 'DIFFERS'}"
+@dataclass
+class SourceAnswers:
+    """The source model (merged, unrounded, float32 in transformers) on the probes: what the export must
+    reproduce. Computed before the weights are rounded in place."""
+
+    where: str
+    conversations: list
+    probes: list
+    logits: list
+    greedy: list  # (prompt ids, probes.Greedy) per conversation
+    stop_ids: set
+    max_new_tokens: int
+    eot: str | None = None
+
+    @classmethod
+    def compute(
+        cls, model, tokenizer, model_source, adapter, prompts, verify: bool, eot: str | None, log
+    ) -> SourceAnswers:
+        from cura.export import probes as P
+        from cura.generate import stop_token_ids
+
+        if prompts is not None:
+            conversations, where = list(prompts), "the given prompts"
+        else:
+            conversations, where = P.held_out_conversations(P.run_folder_of(model_source, adapter))
+        if not getattr(tokenizer, "chat_template", None):
+            conversations, where = [], "none (the model has no chat template)"
+        probes = P.make_probes(tokenizer, conversations)
+        stops = set(stop_token_ids(tokenizer))
+        answers, longest = [], max((len(p.ids) - p.start for p in probes), default=16)
+        max_new = min(256, longest + 8)
+        if verify:
+            log(f"transformers' greedy answers to {len(probes)} conversations from {where}")
+            for probe in probes:
+                prompt = probe.ids[: probe.start]
+                answers.append((prompt, P.greedy(model, prompt, stops, max_new)))
+        logits = P.answer_logits(model, probes)
+        return cls(where, conversations, probes, logits, answers, stops, max_new, eot)
+
+
+def verify_export(
+    result: ExportReport,
+    model,
+    tokenizer,
+    path: Path,
+    written: Written,
+    source: SourceAnswers,
+    tolerance,
+    log,
+) -> None:
+    """Read `path` back with transformers' GGUF loader and compare (see `export_gguf`); CuraError naming
+    what differed. `model`'s weights are replaced by `written.rounded` (in place: no second copy)."""
+    from cura.export import probes as P
+
+    result.tolerance = WRITER_TOLERANCE if tolerance is None else tolerance
+    back, back_tok = read_back(path)
+    ids_ok = all(tokenizer(t).input_ids == back_tok(t).input_ids for t in PROBE_TEXTS)
+    ids_ok = ids_ok and all(
+        P.render_ids(tokenizer, c, False) == P.render_ids(back_tok, c, False) for c in source.conversations
     )
-    if not result.tokenizer_roundtrip:
+    result.tokenizer_roundtrip = ids_ok
+    probes = source.probes or P.make_probes(tokenizer, [])
+    text_probes = [P.Probe(tokenizer(t).input_ids, 1) for t in PROBE_TEXTS]
+    got = P.answer_logits(back, probes + text_probes)
+    rounding = P.agreement(source.logits, got[: len(probes)], probes) if probes else None
+    model.load_state_dict(written.rounded, strict=False)
+    rounded = P.answer_logits(model, probes + text_probes)
+    result.max_abs_logit_diff = P.max_abs_diff(rounded, got)
+    result.rounding = rounding.to_dict() if rounding else None
+    log(
+        f"read back by transformers: max |logit diff| {result.max_abs_logit_diff:.3g} against the source with "
+        f"its weights rounded to {result.out_type} as written (writer tolerance {result.tolerance:g}); tokenizer "
+        f"{'gives the same ids' if ids_ok else 'DIFFERS'}"
+    )
+    if rounding:
+        log(f"rounding to {result.out_type} vs the unrounded source ({source.where}): {rounding}")
+    if not ids_ok:
         raise CuraError(
-            f"{output}: the tokenizer read back from the GGUF gives other token ids than the source "
-            "tokenizer; report this with the model's tokenizer.json"
+            f"{result.output}: the tokenizer read back from the GGUF gives other token ids than the source "
+            "tokenizer (nothing was written); report this with the model's tokenizer.json"
         )
-    if result.max_abs_logit_diff > result.tolerance:
+    if not result.max_abs_logit_diff <= result.tolerance:
+        worst = max(range(len(got)), key=lambda i: float((rounded[i] - got[i]).abs().max()))
         raise CuraError(
-            f"{output}: logits read back differ from the source by {result.max_abs_logit_diff:.3g}, above "
-            f"the tolerance {result.tolerance:g} for {out_type}; export with --type f32 or f16 to check, "
-            "or pass --tolerance if this is expected"
+            f"{result.output}: the file read back differs from the source rounded to {result.out_type} by "
+            f"{result.max_abs_logit_diff:.3g} in logits (probe {worst + 1}), above {result.tolerance:g}: the "
+            "rounding is excluded, so a tensor was written wrong (nothing was written); report this"
         )

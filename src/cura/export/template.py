@@ -78,9 +78,11 @@ class TemplateStyle:
             )
             user = '{{ else if eq .Role "user" }}' + _go(self.user_prefix)
             head = ""
+        # `$last` remembers the role of the final message: no generation prompt after an assistant turn
+        # (Ollama continues that turn), as the Jinja template without add_generation_prompt
         return (
             head
-            + "{{ range .Messages }}"
+            + '{{ $last := "" }}{{ range .Messages }}{{ $last = .Role }}'
             + system
             + user
             + "{{ .Content }}"
@@ -90,7 +92,9 @@ class TemplateStyle:
             + "{{ .Content }}"
             + _go(self.assistant_suffix)
             + "{{ end }}{{ end }}"
+            + '{{ if ne $last "assistant" }}'
             + _go(self.assistant_prefix)
+            + "{{ end }}"
         )
 
 
@@ -198,19 +202,36 @@ def modelfile_text(gguf_name: str, tokenizer, template: str | None) -> tuple[str
         stops = [t for t in (getattr(tokenizer, "eos_token", None),) if t]
     else:
         warning = None
-        lines += ['TEMPLATE """' + info.style.go_template() + '"""', ""]
+        lines += ["TEMPLATE " + _triple(info.style.go_template()), ""]
         stops = list(info.style.stops)
         eos = getattr(tokenizer, "eos_token", None)
         if eos and eos not in stops:
             stops.append(eos)
         if info.default_system:
-            lines += ['SYSTEM """' + info.default_system + '"""', ""]
-    lines += [f'PARAMETER stop "{_quote(s)}"' for s in stops]
+            lines += ["SYSTEM " + _triple(info.default_system), ""]
+    lines += [f"PARAMETER stop {quote(s)}" for s in stops]
     return "\n".join(lines) + "\n", warning
 
 
-def _quote(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def quote(text: str) -> str:
+    """A Modelfile string. Ollama's parser does no escape processing inside quotes (a backslash is a
+    backslash), so the text is written literally: in "..." when it has no quote or line break, else in
+    triple quotes (which may span lines); text containing three quotes cannot be written at all."""
+    if '"""' in text or text.endswith('"'):
+        from cura.errors import CuraError
+
+        raise CuraError(
+            f'{text!r} contains """ or ends in a quote, which an Ollama Modelfile string cannot hold; edit the template'
+        )
+    if '"' in text or "\n" in text:
+        return f'"""{text}"""'
+    return f'"{text}"'
+
+
+def _triple(text: str) -> str:
+    """A multi-line Modelfile value (TEMPLATE, SYSTEM): always in triple quotes, written literally."""
+    quote(text)  # refuses text that holds """
+    return f'"""{text}"""'
 
 
 def check_template(adapter_dir: str | Path, tokenizer) -> str | None:
