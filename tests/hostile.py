@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from tiny import tiny_config, tiny_tokenizer
+from tiny import save_tiny_chat_model, tiny_tokenizer
 
 Target = list[str] | Callable[[], object]
 
@@ -86,23 +86,10 @@ class Outcome:
 
 def build_env(folder: Path) -> Env:
     """The tiny model folder and data file the cases start from."""
-    from transformers import AutoModelForCausalLM
 
     tokenizer = tiny_tokenizer()
-    config = tiny_config("llama")
-    config.update(
-        dict(
-            vocab_size=len(tokenizer),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=True,
-        )
-    )
     model_dir = folder / "tiny-llama"
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    save_tiny_chat_model(model_dir, tokenizer)
     data = folder / "train.jsonl"
     rows = [{"prompt": f"What is {i} plus {i}?", "completion": f"{2 * i}"} for i in range(12)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

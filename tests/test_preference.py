@@ -347,25 +347,9 @@ def test_scored_tokens_are_the_answer_and_its_end_marker(chat_tokenizer):
 
 @pytest.fixture(scope="module")
 def tiny_source(tmp_path_factory, chat_tokenizer):
-    from transformers import AutoModelForCausalLM
+    from tiny import save_tiny_chat_model
 
-    from tiny import tiny_config
-
-    folder = tmp_path_factory.mktemp("tiny-llama-pref")
-    config = tiny_config("llama")
-    config.update(
-        dict(
-            vocab_size=len(chat_tokenizer),
-            bos_token_id=chat_tokenizer.bos_token_id,
-            eos_token_id=chat_tokenizer.eos_token_id,
-            pad_token_id=chat_tokenizer.pad_token_id,
-            tie_word_embeddings=True,
-        )
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    chat_tokenizer.save_pretrained(folder)
-    return str(folder)
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tiny-llama-pref"), chat_tokenizer)
 
 
 @pytest.fixture(scope="module")

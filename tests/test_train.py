@@ -25,24 +25,10 @@ DEMO_TRAIN = Path(__file__).resolve().parents[1] / "src" / "cura" / "demo" / "or
 @pytest.fixture(scope="module")
 def tiny_source(tmp_path_factory, chat_tokenizer):
     """A tiny Llama saved as a transformers folder, with the tiny ChatML tokenizer (tests/tiny.py)."""
-    from transformers import AutoModelForCausalLM
-
-    from tiny import tiny_config
+    from tiny import save_tiny_chat_model
 
     folder = tmp_path_factory.mktemp("tiny-llama")
-    config = tiny_config("llama")  # the tiny shape, with the tiny tokenizer's vocabulary and special tokens
-    config.update(
-        dict(
-            vocab_size=len(chat_tokenizer),
-            bos_token_id=chat_tokenizer.bos_token_id,
-            eos_token_id=chat_tokenizer.eos_token_id,
-            pad_token_id=chat_tokenizer.pad_token_id,
-            tie_word_embeddings=True,
-        )
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    chat_tokenizer.save_pretrained(folder)
+    save_tiny_chat_model(folder, chat_tokenizer)
     return str(folder)
 
 

@@ -37,25 +37,10 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, chat_tokenizer) -> Path:
     """A workspace with a tiny Llama folder (models/tiny), a good data file and one with a bad row 3."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from tiny import tiny_config
+    from tiny import save_tiny_chat_model
 
     ws = tmp_path_factory.mktemp("ws")
-    config = tiny_config("llama")
-    config.update(
-        dict(
-            vocab_size=len(chat_tokenizer),
-            bos_token_id=chat_tokenizer.bos_token_id,
-            eos_token_id=chat_tokenizer.eos_token_id,
-            pad_token_id=chat_tokenizer.pad_token_id,
-            tie_word_embeddings=True,
-        )
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(ws / "models" / "tiny")
-    chat_tokenizer.save_pretrained(ws / "models" / "tiny")
+    save_tiny_chat_model(ws / "models" / "tiny", chat_tokenizer)
     lines = DEMO_TRAIN.read_text(encoding="utf-8").splitlines()
     (ws / "orders.jsonl").write_text("\n".join(lines[:40]) + "\n", encoding="utf-8")
     bad = [*lines[:2], '{"messages": [{"role": "user", "content": "no answer"}]}', *lines[2:5]]

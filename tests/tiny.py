@@ -117,3 +117,26 @@ def tiny_tokenizer():
     )
     tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
+
+
+def save_tiny_chat_model(folder, tokenizer=None, arch: str = "llama", seed: int = 0) -> str:
+    """A tiny random model of `arch` saved as a transformers folder with the tiny ChatML tokenizer (its
+    vocabulary and special tokens, tied embeddings): what `cura train --model FOLDER` reads. Returns the
+    folder as a string."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
+    config = tiny_config(arch)
+    config.update(
+        dict(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=True,
+        )
+    )
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
