@@ -43,7 +43,8 @@ MAX_ROW_ERRORS = 1000  # bad rows listed on the Data screen (the CLI lists data.
 BUNDLED_NAME = (
     "smollm2-135m"  # cura.models.sources.BUNDLED_NAME (checked equal in tests; that module loads torch)
 )
-GGUF_TYPES = ("f16", "f32", "q8_0")  # cura.export.gguf.OUT_TYPES (checked equal in tests; torch-free here)
+# cura.export.gguf.OUT_TYPES (checked equal in tests; torch-free here)
+GGUF_TYPES = ("f16", "f32", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
 
 
 def model_arg(ws: Workspace, model: str | None) -> str:
@@ -392,12 +393,14 @@ def merge_args(ws: Workspace, name: str) -> list[str]:
 
 
 def export_args(ws: Workspace, name: str, out_type: str = "f16") -> list[str]:
-    """`cura export gguf` of run `name` (adapter merged in): runs/<name>/export/model.gguf + Modelfile."""
+    """`cura export gguf` of run `name` (adapter merged in): runs/<name>/export/model.gguf + model.Modelfile
+    (+ its verification report); a new export replaces the page's earlier one (`--overwrite`: only files
+    cura wrote)."""
     if out_type not in GGUF_TYPES:
         raise CuraError(f"GGUF type must be one of {', '.join(GGUF_TYPES)}, got {out_type!r}")
     output = ws.run_dir(name) / "export" / "model.gguf"
     args = ["export", "gguf", "--adapter", str(adapter_dir(ws, name)), "--output", str(output)]
-    return [*args, "--type", out_type]
+    return [*args, "--type", out_type, "--overwrite"]
 
 
 def start_job(ws: Workspace, name: str, kind: str, args: list[str]) -> dict:
