@@ -194,7 +194,7 @@ class WandbTracker(Tracker):
         self.run.log(metrics, step=step)
 
     def finish(self, summary: dict[str, Any], plot: Path | None, status: str) -> None:
-        import wandb  # loaded by `start` through cura.optional
+        wandb = self.load()  # already imported by `start`
 
         self.run.summary.update({k: v for k, v in summary.items() if v is not None})
         if plot is not None and plot.is_file():
