@@ -93,6 +93,7 @@ def test_a_full_disk_mid_run_keeps_the_last_checkpoint_and_resume_continues(
     assert saved and all(not name.startswith(".") for name in saved), saved  # no temporaries left
     last = latest_checkpoint(out / "checkpoints")
     assert last is not None and last.name == saved[-1] and last.name < "step-000006"
+    assert f"nothing is lost: {last} is the last complete checkpoint" in line and "--resume" in line
     moved = tmp_path / "moved"
     shutil.copytree(out, moved)
     said: list[str] = []
