@@ -225,8 +225,8 @@ def test_save_into_an_existing_folder_keeps_other_files(tmp_path):
     model, config = _trained_cura()
     folder = tmp_path / "step-000010"
     folder.mkdir()
+    save_adapter(model, config, folder, base_model_name_or_path="tiny")  # an empty folder is fine
     (folder / "trainer_state.json").write_text("{}")
-    save_adapter(model, config, folder, base_model_name_or_path="tiny")
     save_adapter(model, config, folder, base_model_name_or_path="tiny")  # overwrite in place
     assert sorted(p.name for p in folder.iterdir()) == [
         "adapter_config.json",
@@ -234,6 +234,7 @@ def test_save_into_an_existing_folder_keeps_other_files(tmp_path):
         "cura_adapter.json",
         "trainer_state.json",
     ]
+    assert (folder / "trainer_state.json").read_text() == "{}"
     saved = load_file(str(folder / "adapter_model.safetensors"))
     assert saved.keys() == adapter_state_dict(model).keys()
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in saved
@@ -315,3 +316,19 @@ def test_save_with_a_different_config_is_refused(tmp_path):
     with pytest.raises(CuraError, match=r"lora\.r=8"):
         save_adapter(model, LoraConfig(r=8), tmp_path / "a", base_model_name_or_path="tiny")
     assert not list(tmp_path.iterdir())
+
+
+def test_save_refuses_a_folder_cura_did_not_write(tmp_path):
+    """A PEFT adapter (or any files) in the folder without cura_adapter.json: refused, nothing touched."""
+    model, config = _trained_cura()
+    folder = tmp_path / "peft-adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    with pytest.raises(CuraError, match="holds files cura did not write \\(no cura_adapter.json\\)"):
+        save_adapter(model, config, folder, base_model_name_or_path="tiny")
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json"]
+    assert (folder / "adapter_config.json").read_text() == '{"peft_type": "LORA"}'
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(CuraError, match="it is a file"):
+        save_adapter(model, config, tmp_path / "a-file", base_model_name_or_path="tiny")
+    assert (tmp_path / "a-file").read_text() == "mine"

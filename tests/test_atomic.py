@@ -159,3 +159,22 @@ def test_replace_folder_puts_the_old_one_back_when_the_swap_fails(tmp_path, monk
 
     assert (folder / "a").read_text() == "old"
     assert _entries(tmp_path) == ["ckpt", "new"]  # no graveyard left
+
+
+def test_os_error_in_reads_a_writers_hidden_errno_and_never_guesses(tmp_path):
+    """safetensors' Rust message carries the errno; numpy's short write has none, so it counts as a full disk
+    only when the file system really has less room than was asked for."""
+    import errno
+
+    from cura.atomic import os_error_in
+
+    hidden = os_error_in(RuntimeError("Error while serializing: No space left on device (os error 28)"), "x")
+    assert hidden.errno == errno.ENOSPC and hidden.filename == "x"
+    assert os_error_in(RuntimeError("shapes do not match"), "x") is None
+    assert os_error_in(OSError(errno.ENOSPC, "No space left on device"), "x") is None  # already an OSError
+    short = OSError("8192 requested and 136 written")
+    assert os_error_in(short, tmp_path / "f.gguf") is None  # this disk has far more than 8 KiB free
+    assert (
+        os_error_in(OSError(f"{1 << 62} requested and 136 written"), tmp_path / "f.gguf").errno
+        == errno.ENOSPC
+    )

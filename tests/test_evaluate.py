@@ -512,3 +512,32 @@ def _first_choice(text: str) -> str:
 
     found = re.search(r"\b([A-D])\b", text)
     return found.group(1) if found else ""
+
+
+def test_eval_never_writes_over_a_users_files(tmp_path, capsys):
+    """A report folder holding the user's report.md (or a foreign eval.json) is refused in one sentence
+    before anything loads (the model named here does not even exist); cura's own earlier report is replaced."""
+    from cura.atomic import write_json
+    from cura.evaluate.outputs import COMPARISON_FILES, RESULT_FILES, check_report_folder
+
+    data = tmp_path / "eval.jsonl"
+    data.write_text(json.dumps({"question": "2 + 2?", "answer": "4"}) + "\n", encoding="utf-8")
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "report.md").write_text("my own notes", encoding="utf-8")
+    args = ["eval", "--model", str(tmp_path / "no-such-model"), "--data", str(data), "--output", str(mine)]
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert f"--output {mine} already holds report.md that cura eval did not write" in err
+    assert "no-such-model" not in err  # refused before the model was looked at
+    assert (mine / "report.md").read_text(encoding="utf-8") == "my own notes"
+    write_json(mine / "eval.json", {"loss": 1.0})  # a JSON someone else wrote: still refused
+    with pytest.raises(CuraError, match="already holds eval.json, report.md that cura eval did not write"):
+        check_report_folder(mine, COMPARISON_FILES)
+    ours = tmp_path / "ours"
+    write_json(ours / "eval.json", {"written_by": "cura eval"})
+    (ours / "report.md").write_text("an earlier report", encoding="utf-8")
+    check_report_folder(ours, RESULT_FILES)  # cura's own report: replaced without a question
+    (tmp_path / "a-file").write_text("x", encoding="utf-8")
+    with pytest.raises(CuraError, match="is a file; give a folder"):
+        check_report_folder(tmp_path / "a-file", RESULT_FILES)

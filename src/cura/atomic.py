@@ -34,6 +34,7 @@ import ctypes
 import errno
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -49,6 +50,7 @@ __all__ = [
     "fsync_dir",
     "fsync_tree",
     "is_inside",
+    "os_error_in",
     "replace_folder",
     "write_bytes",
     "write_json",
@@ -66,6 +68,43 @@ def _umask() -> int:
 
 def _prefix(path: Path) -> str:
     return f".{path.name}."
+
+
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def os_error_in(exc: BaseException, target: str | Path | None = None) -> OSError | None:
+    """The OSError hidden in a writer's own exception type, or None.
+
+    Writers in Rust (safetensors' `SafetensorError`, tokenizers) report a full disk as
+    "... No space left on device (os error 28)" in a non-OSError; as an OSError (with `target` as its file)
+    the CLI can say it in one sentence instead of calling it a bug."""
+    if isinstance(exc, OSError):
+        return _short_write(exc, target)
+    found = _RUST_OS_ERROR.search(str(exc))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), None if target is None else str(target))
+
+
+_SHORT_WRITE = re.compile(r"(\d+) requested and (\d+) written")
+
+
+def _short_write(exc: OSError, target: str | Path | None) -> OSError | None:
+    """numpy's `tofile` (the gguf writer) reports a full disk as "8192 requested and 136 written", with no
+    errno: an ENOSPC about `target` when its file system really has less room left than was asked for
+    (checked before the partial file is removed), else None."""
+    found = _SHORT_WRITE.search(str(exc)) if exc.errno is None else None
+    if found is None or target is None:
+        return None
+    try:
+        stats = os.statvfs(Path(target).parent)
+    except (OSError, AttributeError):  # no statvfs on Windows
+        return None
+    if stats.f_bavail * stats.f_frsize >= int(found.group(1)):
+        return None  # there is room: a short write for another reason, not ours to name
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
 
 
 @contextmanager
@@ -87,8 +126,11 @@ def atomic_file(path: str | Path, *, mode: int = 0o666) -> Iterator[Path]:
         with open(tmp, "rb+") as handle:  # flush what the writer wrote, whoever opened it
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        hidden = os_error_in(exc, path)  # before the partial file goes: a short write checks the free space
         tmp.unlink(missing_ok=True)
+        if hidden is not None:
+            raise hidden from exc
         raise
     fsync_dir(path.parent)
 
@@ -261,6 +303,21 @@ def atomic_folder(folder: str | Path, *, overwrite: bool = True) -> Iterator[Pat
             raise FileExistsError(f"{folder} already exists")
         fsync_tree(tmp)
         replace_folder(tmp, folder)
-    except BaseException:
+    except BaseException as exc:
+        hidden = os_error_in(exc, folder) or _renamed(exc, tmp, folder)
         shutil.rmtree(tmp, ignore_errors=True)
+        if hidden is not None:
+            raise hidden from exc
         raise
+
+
+def _renamed(exc: BaseException, tmp: Path, folder: Path) -> OSError | None:
+    """An OSError about a file in the (now removed) temporary folder, retold about the same file in `folder`,
+    so the message names a path the user knows; None for anything else."""
+    if not isinstance(exc, OSError) or exc.filename is None or exc.errno is None:
+        return None
+    try:
+        inside = Path(exc.filename).relative_to(tmp)
+    except ValueError:
+        return None
+    return OSError(exc.errno, exc.strerror, str(folder / inside))

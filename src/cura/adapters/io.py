@@ -102,8 +102,9 @@ def save_adapter(
     the path PEFT can open for it (`peft_base_path`) and its template. Without `base` the adapter records no
     base and tools assume one (as for an adapter PEFT wrote).
 
-    A new folder is filled under a temporary name and renamed into place; in an existing folder each file is
-    replaced atomically (other files there are left alone).
+    A new folder is filled under a temporary name and renamed into place; in an existing folder of cura's
+    (empty, or holding cura_adapter.json) each file is replaced atomically and other files there are left
+    alone; a folder holding files cura did not write is refused (CuraError).
     """
     weights = {k: v.to("cpu", copy=True).contiguous() for k, v in adapter_state_dict(model).items()}
     if not weights:
@@ -125,11 +126,25 @@ def save_adapter(
     }
     folder = Path(folder)
     if folder.exists():
+        _check_ours(folder)
         _write_files(folder, weights, files)
     else:
         with atomic_folder(folder, overwrite=False) as tmp:
             _write_files(tmp, weights, files)
     return folder
+
+
+def _check_ours(folder: Path) -> None:
+    """Refuse (one sentence) to write into an existing folder that is a file or holds files but no
+    cura_adapter.json: its adapter_config.json or weights are someone else's (a PEFT adapter, the user's
+    files), and saving would replace them."""
+    if not folder.is_dir():
+        raise CuraError(f"cannot save the adapter to {folder}: it is a file; give a folder")
+    if any(folder.iterdir()) and not (folder / CURA_NAME).is_file():
+        raise CuraError(
+            f"cannot save the adapter to {folder}: it holds files cura did not write (no {CURA_NAME}); "
+            "pick a new or empty folder"
+        )
 
 
 def cura_record(config: LoraConfig, base: BaseSpec | None, chat_template: str | None, extra) -> dict:

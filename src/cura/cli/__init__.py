@@ -184,7 +184,15 @@ def run_command(command, argv: list[str]) -> int:
         print(f"error: {sentence}", file=sys.stderr)
         return EXIT_USER
     except Exception as exc:
-        return report_bug(exc, argv)
+        from cura.atomic import os_error_in
+        from cura.validate import os_error_sentence
+
+        hidden = os_error_in(exc)  # a full disk reported by a writer in Rust (safetensors)
+        sentence = None if hidden is None else os_error_sentence(hidden)
+        if sentence is None:
+            return report_bug(exc, argv)
+        print(f"error: {sentence}", file=sys.stderr)
+        return EXIT_USER
 
 
 def report_bug(exc: BaseException, argv: list[str]) -> int:

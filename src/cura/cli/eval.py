@@ -107,6 +107,7 @@ def run(args) -> int:
     )
 
     _check_args(args)
+    _check_output(args)
     if args.objective:
         return run_preference(args)
     fields = parse_fields(args.field)
@@ -155,6 +156,16 @@ def run(args) -> int:
     return 0
 
 
+def _check_output(args) -> None:
+    """Refuse a --output that holds files cura eval did not write, before anything is loaded."""
+    if not args.output:
+        return
+    from cura.evaluate.outputs import COMPARISON_FILES, PREFERENCE_FILES, RESULT_FILES, check_report_folder
+
+    names = PREFERENCE_FILES if args.objective else COMPARISON_FILES if args.compare else RESULT_FILES
+    check_report_folder(args.output, names)
+
+
 def run_preference(args) -> int:
     """`cura eval --objective ...`: base (adapter off) and adapter on the same preference rows."""
     from cura.evaluate import parse_fields
@@ -180,9 +191,11 @@ def run_preference(args) -> int:
     )
     if args.output:
         from cura.atomic import write_json
+        from cura.evaluate.outputs import PREFERENCE_FILES, REPORT_MARK, check_report_folder
 
+        check_report_folder(args.output, PREFERENCE_FILES)
         Path(args.output).mkdir(parents=True, exist_ok=True)
-        write_json(Path(args.output) / "preference_eval.json", result)
+        write_json(Path(args.output) / "preference_eval.json", {"written_by": REPORT_MARK, **result})
         print(f"wrote {Path(args.output) / 'preference_eval.json'}", file=sys.stderr)
     print(json.dumps(result, indent=2) if args.json else preference_table(result))
     return 0

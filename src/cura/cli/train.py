@@ -174,5 +174,13 @@ def run(args) -> int:
         return run_demo(config, args.demo_prompts)
     from cura.train import train
 
-    result = train(config)
+    try:
+        result = train(config)
+    except OSError as exc:  # a full disk mid-run: say which checkpoint --resume continues from
+        from cura.train.rundir import full_disk_error
+
+        error = full_disk_error(exc, config.output_dir)
+        if error is None:
+            raise
+        raise error from exc
     return 0 if result.get("completed") or result.get("interrupted_by") else 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cura.atomic import atomic_file, write_json, write_text
+from cura.evaluate.outputs import COMPARISON_FILES, REPORT_MARK, RESULT_FILES, check_report_folder
 from cura.evaluate.run import Comparison, EvalResult
 
 # metrics where lower is better (the delta column marks improvements either way)
@@ -97,9 +98,10 @@ def comparison_chart(comparison: Comparison, path: Path) -> Path:
 def write_comparison(
     comparison: Comparison, folder: str | Path, *, extra: dict | None = None
 ) -> dict[str, Path]:
-    """report.md, eval.json and compare.png in `folder` (created if needed)."""
+    """report.md, eval.json and compare.png in `folder` (created if needed; never over a user's files)."""
     folder = Path(folder)
-    data = {**comparison.to_dict(), **(extra or {})}
+    check_report_folder(folder, COMPARISON_FILES)
+    data = {"written_by": REPORT_MARK, **comparison.to_dict(), **(extra or {})}
     return {
         "report": write_text(folder / "report.md", comparison_markdown(comparison)),
         "json": write_json(folder / "eval.json", data),
@@ -108,9 +110,12 @@ def write_comparison(
 
 
 def write_result(result: EvalResult, folder: str | Path, *, extra: dict | None = None) -> dict[str, Path]:
-    """eval.json and report.md for one model in `folder`."""
+    """eval.json and report.md for one model in `folder` (never over a user's files)."""
     folder = Path(folder)
+    check_report_folder(folder, RESULT_FILES)
     return {
-        "json": write_json(folder / "eval.json", {**result.to_dict(), **(extra or {})}),
+        "json": write_json(
+            folder / "eval.json", {"written_by": REPORT_MARK, **result.to_dict(), **(extra or {})}
+        ),
         "report": write_text(folder / "report.md", "# cura evaluation\n\n" + result_markdown(result) + "\n"),
     }

@@ -220,3 +220,24 @@ def claim_run_folder(config, say: Say) -> Iterator[Path]:
                 out.rmdir()  # only if empty
             except OSError:
                 pass
+
+
+def full_disk_error(exc: OSError, output_dir: str | Path) -> CuraError | None:
+    """The one sentence for a run stopped by a full disk (or quota) that left a complete checkpoint: what
+    happened and that `--resume` continues from that checkpoint once there is room. None for other errors
+    (the CLI's generic OSError sentence then applies)."""
+    import errno
+
+    from cura.train.checkpoint import latest_checkpoint
+    from cura.validate import os_error_sentence
+
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    last = latest_checkpoint(Path(output_dir) / "checkpoints")
+    sentence = os_error_sentence(exc)
+    if last is None or sentence is None:
+        return None
+    return CuraError(
+        f"{sentence}; nothing is lost: {last} is the last complete checkpoint, so once there is room the "
+        "same command plus --resume continues from it (or copy the run folder to a larger disk and resume there)"
+    )
