@@ -18,6 +18,15 @@ def register(sub) -> None:
     g.add_argument("--adapter", default=None, help="an adapter folder to merge in first")
     g.add_argument("--output", required=True, help="the .gguf file to write")
     g.add_argument(
+        "--lora-only",
+        action="store_true",
+        help="with --adapter: write the adapter alone as a llama.cpp LoRA GGUF (llama-server --lora, Ollama "
+        "ADAPTER) to use on the unquantized GGUF of its base (--type f16 or f32)",
+    )
+    g.add_argument(
+        "--base-gguf", default=None, help="with --lora-only: the base GGUF the Modelfile's FROM names"
+    )
+    g.add_argument(
         "--type",
         dest="out_type",
         choices=OUT_TYPES,
@@ -42,6 +51,8 @@ def register(sub) -> None:
 
 def run_gguf(args) -> int:
     args.model = model_source(args)  # None with --adapter: its recorded base
+    if args.lora_only or args.base_gguf:
+        return _run_lora_only(args)
     from cura.export import export_gguf
 
     export_gguf(
@@ -53,5 +64,26 @@ def run_gguf(args) -> int:
         tolerance=args.tolerance,
         overwrite=args.overwrite,
         verify=args.verify,
+    )
+    return 0
+
+
+def _run_lora_only(args) -> int:
+    from cura.errors import CuraError
+    from cura.export.lora_gguf import export_lora_gguf
+
+    if not args.lora_only:
+        raise CuraError("--base-gguf only makes sense with --lora-only; add --lora-only")
+    if not args.adapter:
+        raise CuraError("--lora-only needs --adapter RUN/adapter (the adapter to write as a LoRA GGUF)")
+    export_lora_gguf(
+        args.adapter,
+        args.output,
+        model_source=args.model,
+        out_type=args.out_type,
+        check=not args.no_check,
+        overwrite=args.overwrite,
+        verify=args.verify,
+        base_gguf=args.base_gguf,
     )
     return 0

@@ -174,12 +174,15 @@ def compare_answer(hf, cpp_ids, cpp_lp, cpp_stopped, stop_ids, near_tie: float) 
     }
 
 
-def verify_in_llamacpp(path: Path, tokenizer, source, out_type: str, *, log=print) -> dict:
-    """Load `path` in llama.cpp and compare with `source` (`cura.export.gguf.SourceAnswers`); returns the
-    report (a dict, saved in `<file>.verify.json`), CuraError when a bound of `BOUNDS[out_type]` fails."""
+def verify_in_llamacpp(
+    path: Path, tokenizer, source, out_type: str, *, lora: list[Path] | None = None, log=print
+) -> dict:
+    """Load `path` (with the LoRA adapter GGUFs `lora` applied at scale 1) in llama.cpp and compare with
+    `source` (`cura.export.gguf.SourceAnswers`); returns the report (a dict, saved in `<file>.verify.json`),
+    CuraError when a bound of `BOUNDS[out_type]` fails."""
     bounds = BOUNDS[out_type]
     longest = max((len(p.ids) for p in source.probes), default=64)
-    server = Server(path, n_ctx=max(512, longest + source.max_new_tokens + 64))
+    server = Server(path, n_ctx=max(512, longest + source.max_new_tokens + 64), lora=lora)
     report: dict = {"version": server.version, "type": out_type, "bounds": bounds.__dict__}
     try:
         answers, prompt_ok, ids_ok = [], True, True
