@@ -144,3 +144,34 @@ def test_lora_gguf_in_llamacpp_matches_peft_merge(run, chat_tokenizer):
     with torch.no_grad():
         hf = merged.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids) :].tolist()
     assert greedy == hf[: len(greedy)] and len(greedy) > 0
+
+
+def test_with_base_writes_the_base_as_trained_and_verifies_on_it(run):
+    """--with-base: `<stem>-base.gguf` is the base the adapter was trained on; llama.cpp runs the LoRA GGUF
+    on that very file (verified), and the Modelfile's FROM names it."""
+    pytest.importorskip(
+        "xllamacpp", reason="the llamacpp extra is not installed: pip install 'cura[llamacpp]'"
+    )
+    import gguf
+
+    out = run / "ship" / "lora.gguf"
+    report = export_lora_gguf(
+        run / "run" / "adapter", out, out_type="f32", verify=True, with_base=True, log=quiet
+    )
+    base = run / "ship" / "lora-base.gguf"
+    assert base.is_file() and report.llamacpp["kept_rate"] == 1.0
+    assert report.llamacpp["max_logprob_diff"] < 0.01
+    fields = gguf.GGUFReader(str(base)).fields
+    assert "cura.exported_by" in fields and "adapter.type" not in fields  # a model, not an adapter
+    assert "FROM ./lora-base.gguf" in (run / "ship" / "lora.Modelfile").read_text()
+    assert sorted(p.name for p in (run / "ship").iterdir()) == [
+        "lora-base.gguf",
+        "lora.Modelfile",
+        "lora.gguf",
+        "lora.gguf.verify.json",
+    ]
+    (run / "mine").mkdir()
+    (run / "mine" / "lora-base.gguf").write_bytes(b"a user's file")  # never replaced
+    with pytest.raises(CuraError, match="was not written by cura export"):
+        export_lora_gguf(run / "run" / "adapter", run / "mine" / "lora.gguf", with_base=True, log=quiet)
+    assert sorted(p.name for p in (run / "mine").iterdir()) == ["lora-base.gguf"]

@@ -27,6 +27,12 @@ def register(sub) -> None:
         "--base-gguf", default=None, help="with --lora-only: the base GGUF the Modelfile's FROM names"
     )
     g.add_argument(
+        "--with-base",
+        action="store_true",
+        help="with --lora-only: also write the base as trained (a QLoRA adapter's dequantized NF4 base) "
+        "as <output>-base.gguf, the base the LoRA GGUF expects",
+    )
+    g.add_argument(
         "--type",
         dest="out_type",
         choices=OUT_TYPES,
@@ -51,7 +57,7 @@ def register(sub) -> None:
 
 def run_gguf(args) -> int:
     args.model = model_source(args)  # None with --adapter: its recorded base
-    if args.lora_only or args.base_gguf:
+    if args.lora_only or args.base_gguf or args.with_base:
         return _run_lora_only(args)
     from cura.export import export_gguf
 
@@ -73,7 +79,7 @@ def _run_lora_only(args) -> int:
     from cura.export.lora_gguf import export_lora_gguf
 
     if not args.lora_only:
-        raise CuraError("--base-gguf only makes sense with --lora-only; add --lora-only")
+        raise CuraError("--base-gguf and --with-base only make sense with --lora-only; add --lora-only")
     if not args.adapter:
         raise CuraError("--lora-only needs --adapter RUN/adapter (the adapter to write as a LoRA GGUF)")
     export_lora_gguf(
@@ -85,5 +91,6 @@ def _run_lora_only(args) -> int:
         overwrite=args.overwrite,
         verify=args.verify,
         base_gguf=args.base_gguf,
+        with_base=args.with_base,
     )
     return 0

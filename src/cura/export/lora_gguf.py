@@ -23,6 +23,7 @@ prompt, greedy answers and log-probabilities are compared with transformers on b
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -129,8 +130,8 @@ def modelfile_for_lora(output: Path, base_gguf: str, tokenizer, template) -> str
     rest = text.split("\n", 1)[1]  # all but modelfile_text's FROM line
     source = base_gguf if "/" in base_gguf else f"./{base_gguf}"  # as given, else beside the Modelfile
     lines = [
-        "# FROM: the base model the adapter was trained on, as an unquantized (f16/f32) GGUF:",
-        "#   cura export gguf --model BASE --type f16 --output " + base_gguf,
+        "# FROM: the base the adapter was trained on, as trained (for QLoRA: its dequantized NF4 weights):",
+        "#   cura export gguf --adapter ADAPTER --lora-only --with-base writes it beside the adapter",
         f"FROM {source}",
         f"ADAPTER ./{output.name}",
     ]
@@ -147,13 +148,16 @@ def export_lora_gguf(
     overwrite: bool = False,
     verify: bool | None = None,
     base_gguf: str | None = None,
+    with_base: bool = False,
     prompts=None,
     log=print,
 ):
     """Write `adapter` (a cura or PEFT adapter folder) as the llama.cpp LoRA GGUF `output`, plus an Ollama
     Modelfile `<output stem>.Modelfile` (FROM `base_gguf`, default `<output stem>-base.gguf`; ADAPTER
-    `output`) and the report `<output>.verify.json`. See the module docstring for the checks. Nothing
-    appears under the final names unless every check passed."""
+    `output`) and the report `<output>.verify.json`. With `with_base`, the base as trained (a QLoRA
+    adapter's dequantized NF4 weights, which is what the adapter was fitted to) is written too, at
+    `out_type`, as `<output stem>-base.gguf`, and the verification runs on that very file. See the module
+    docstring for the checks. Nothing appears under the final names unless every check passed."""
     from cura.adapters import adapter_state_dict, load_base_for_adapter
     from cura.export.gguf import (
         REPORT_MARK,
@@ -171,6 +175,11 @@ def export_lora_gguf(
     if out_type not in LORA_TYPES:
         raise CuraError(f"--type must be one of {', '.join(LORA_TYPES)} with --lora-only, got '{out_type}'")
     check_export_targets(output, overwrite)
+    base_file = output.with_name(f"{output.stem}-base.gguf") if with_base else None
+    if base_file is not None:
+        if base_gguf:
+            raise CuraError("--with-base writes the base beside the adapter; leave out --base-gguf")
+        check_export_targets(base_file, overwrite)
     verify = _want_verify(verify)
     base = load_base_for_adapter(adapter, model_source, compute_dtype=torch.float32, device="cpu", log=log)
     model, tokenizer, lora = base.model.eval(), base.tokenizer, base.lora
@@ -191,12 +200,14 @@ def export_lora_gguf(
         log(f"wrote {output.name} (LoRA r={lora.r}, alpha {alpha:g}, {len(written)} tensors), checking it")
         if check:
             check_lora_file(tmp, written, arch, alpha, out_type)
+        style = detect_style(tokenizer, template).style if template else None
+        eot = (style.assistant_suffix.strip() or None) if style is not None else None
         if verify:
-            style = detect_style(tokenizer, template).style if template else None
-            eot = (style.assistant_suffix.strip() or None) if style is not None else None
             result.llamacpp = _verify_on_base(
-                model, lora, tokenizer, tmp, output, adapter, out_type, eot, prompts, log
+                model, lora, tokenizer, tmp, output, adapter, out_type, eot, prompts, log, keep_base=base_file
             )
+        elif base_file is not None:
+            _write_base_as_trained(model, tokenizer, base_file, out_type, eot, log)
         base_name = base_gguf or f"{output.stem}-base.gguf"
         write_text(modelfile, modelfile_for_lora(output, base_name, tokenizer, template))
     result.report = output.with_name(output.name + ".verify.json")
@@ -204,16 +215,42 @@ def export_lora_gguf(
         result.report, {"written_by": REPORT_MARK, "lora_alpha": alpha, "lora_r": lora.r, **result.to_dict()}
     )
     log(f"wrote {output} and {modelfile}; report {result.report}")
-    log(f"run it in llama.cpp:  llama-server -m {base_name} --lora {output} --jinja")
+    base_path = base_gguf or output.with_name(base_name)  # the default sits beside the adapter
+    log(f"run it in llama.cpp:  llama-server -m {base_path} --lora {output} --jinja")
     log(f"run it in Ollama:     ollama create {output.stem.lower()} -f {modelfile}")
     return result
 
 
+def _write_base_as_trained(model, tokenizer, path: Path, out_type: str, eot, log) -> None:
+    """The base the adapter was trained on (LoRA taken off, 4-bit weights dequantized) as a GGUF at `path`
+    (temporary name, renamed when written)."""
+    from cura.adapters import unwrap_lora
+    from cura.export.gguf import write_gguf
+    from cura.nn.linear4bit import dequantize_model
+
+    unwrap_lora(model)
+    dequantize_model(model)
+    with atomic_file(path) as tmp:
+        write_gguf(model, tokenizer, tmp, out_type, getattr(tokenizer, "chat_template", None), eot)
+    log(f"wrote {path} (the base as trained, {out_type}: what the LoRA GGUF expects under it)")
+
+
 def _verify_on_base(
-    model, lora_config, tokenizer, lora_file: Path, output: Path, adapter, out_type, eot, prompts, log
+    model,
+    lora_config,
+    tokenizer,
+    lora_file: Path,
+    output: Path,
+    adapter,
+    out_type,
+    eot,
+    prompts,
+    log,
+    keep_base: Path | None = None,
 ) -> dict:
-    """llama.cpp on the base as trained (float32 GGUF, temporary) + `lora_file` vs transformers on the
-    merged model. `model` (the base with the adapter on it) is merged in place."""
+    """llama.cpp on the base as trained (float32 GGUF, temporary; with `keep_base`, at `out_type`, renamed
+    to `keep_base` once verified) + `lora_file` vs transformers on the merged model. `model` (the base
+    with the adapter on it) is merged in place."""
     from cura.adapters import adapter_state_dict, merge_lora, unwrap_lora
     from cura.export.gguf import SourceAnswers, write_gguf
     from cura.export.llamacpp import verify_in_llamacpp
@@ -224,16 +261,22 @@ def _verify_on_base(
     unwrap_lora(model)
     dequantize_model(model)
     with tempfile.TemporaryDirectory(prefix=f".{output.stem}.base.", dir=output.parent) as scratch:
-        base_file = Path(scratch) / "base-f32.gguf"
-        write_gguf(model, tokenizer, base_file, "f32", template, eot)
+        base_type = out_type if keep_base is not None else "f32"
+        base_file = Path(scratch) / f"base-{base_type}.gguf"
+        write_gguf(model, tokenizer, base_file, base_type, template, eot)
         model.load_state_dict(merge_lora(model.state_dict(), adapter_weights, lora_config), strict=True)
         source = SourceAnswers.compute(model, tokenizer, None, adapter, prompts, True, eot, log)
         log(
-            "llama.cpp: the base as trained (f32 GGUF) with the LoRA GGUF applied, against transformers merged"
+            f"llama.cpp: the base as trained ({base_type} GGUF) with the LoRA GGUF applied, against "
+            "transformers merged"
         )
         try:
-            return verify_in_llamacpp(base_file, tokenizer, source, out_type, lora=[lora_file], log=log)
+            report = verify_in_llamacpp(base_file, tokenizer, source, out_type, lora=[lora_file], log=log)
         except CuraError as exc:  # name the file the user asked for, not the temporary base
             raise CuraError(
                 str(exc).replace(base_file.name, f"{output.name} on its base as trained")
             ) from None
+        if keep_base is not None:  # verified: the base the user runs is the file llama.cpp just ran
+            os.replace(base_file, keep_base)
+            log(f"wrote {keep_base} (the base as trained, {base_type}: what the LoRA GGUF expects under it)")
+        return report
