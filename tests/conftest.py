@@ -15,6 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton's interpreter runs the GPU kernels on CPU tensors (tests/test_triton_kernels.py). It must be on
+# before any test module imports triton (trl, peft and bitsandbytes do, at collection), so it is set here,
+# first; never where CUDA exists, where tests/test_gpu_kernels.py checks the compiled kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import ARCHS, tiny_model, tiny_tokenizer  # noqa: E402
