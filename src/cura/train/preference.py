@@ -14,8 +14,6 @@ rewards/margins, rewards/accuracies, as TRL names them; KTO adds kl), which the 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -24,7 +22,7 @@ from cura.adapters import lora_disabled
 from cura.constants import IGNORE_INDEX
 from cura.train.objectives import dpo_losses, kto_kl, kto_losses, orpo_odds_ratio
 from cura.train.preference_config import PreferenceConfig
-from cura.train.steps import to_device
+from cura.train.steps import clip_and_step, to_device
 
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
 
@@ -224,14 +222,7 @@ def preference_step(
         loss.backward()
         loss_total += float(loss.detach())
         tally.add(out)
-    max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
-    lr = optimizer.param_groups[0]["lr"]
-    if finite:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
+    grad_norm, finite, lr = clip_and_step(optimizer, scheduler, params, max_grad_norm, loss_total)
     return {
         "loss": loss_total if finite else None,
         "raw_loss": loss_total,

@@ -74,6 +74,22 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def clip_and_step(
+    optimizer, scheduler, params, max_grad_norm: float, loss: float
+) -> tuple[float, bool, float]:
+    """Clip the gradients (`max_grad_norm` <= 0: measure only), update where the loss and the norm are
+    finite (else skip the update), clear the gradients and step the schedule: (grad norm, finite, lr)."""
+    max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    lr = optimizer.param_groups[0]["lr"]
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return grad_norm, finite, lr
+
+
 def optimizer_step(
     model,
     micro_batches,
@@ -104,14 +120,7 @@ def optimizer_step(
         (loss_total,) = world.sum([loss_total])
         world.all_reduce_grads(params)
     loss = loss_total / max(n_trained, 1)
-    max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    finite = math.isfinite(loss) and math.isfinite(grad_norm)
-    lr = optimizer.param_groups[0]["lr"]
-    if finite:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
+    grad_norm, finite, lr = clip_and_step(optimizer, scheduler, params, max_grad_norm, loss)
     return {
         "loss": loss if finite else None,
         "raw_loss": loss,
