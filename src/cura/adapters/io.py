@@ -95,6 +95,7 @@ def save_adapter(
     base_model_name_or_path: str | None = None,
     chat_template: str | None = None,
     extra: dict | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the model's adapter to `folder` in the PEFT layout plus `cura_adapter.json`; returns the folder.
 
@@ -104,9 +105,11 @@ def save_adapter(
 
     A new folder is filled under a temporary name and renamed into place; in an existing folder of cura's
     (empty, or holding cura_adapter.json) each file is replaced atomically and other files there are left
-    alone; a folder holding files cura did not write is refused (CuraError).
+    alone; a folder holding files cura did not write is refused (CuraError). `weights`: the adapter's
+    tensors when the model's own are shards (`cura.train.fsdp.full_adapter` gathers them).
     """
-    weights = {k: v.to("cpu", copy=True).contiguous() for k, v in adapter_state_dict(model).items()}
+    if weights is None:
+        weights = {k: v.to("cpu", copy=True).contiguous() for k, v in adapter_state_dict(model).items()}
     if not weights:
         raise CuraError("the model has no LoRA adapters to save; call attach_lora(model, config) first")
     layers = lora_layers(model)
@@ -289,10 +292,23 @@ def load_adapter(model: nn.Module, folder: str | Path, *, trainable: bool = Fals
         for path, pair in weights.items():
             layer = layers[path]
             for which, tensor in pair.items():
-                getattr(layer, which).weight.copy_(tensor)
+                _copy_into(getattr(layer, which).weight, tensor)
             layer.alpha, layer.use_rslora, layer.scaling = config.alpha, config.use_rslora, config.scaling
     set_trainable(model, trainable)
     return config
+
+
+def _copy_into(param: torch.Tensor, tensor: torch.Tensor) -> None:
+    """param <- tensor; for a parameter sharded across processes (a DTensor, `cura.train.fsdp`) only this
+    rank's rows of the whole `tensor` (every rank reads the same file, so no communication is needed)."""
+    mesh = getattr(param, "device_mesh", None)
+    if mesh is None:
+        param.copy_(tensor)
+        return
+    from torch.distributed.tensor import distribute_tensor
+
+    mine = distribute_tensor(tensor.to(param.dtype), mesh, param.placements, src_data_rank=None)
+    param.to_local().copy_(mine.to_local())
 
 
 def _get(model: nn.Module, path: str) -> nn.Module | None:

@@ -140,7 +140,10 @@ class Linear4bit(nn.Module):
     def _apply(self, fn, recurse=True):
         """`module.to(device)` moves the 4-bit tensors; dtype casts (``.half()``, ``.to(bfloat16)``) leave
         them alone (only the bias is cast), so the codes and their scales are never altered."""
-        quant = {name: self._buffers.pop(name) for name in ("weight", *_QUANT_BUFFERS)}
+        # (under --fsdp, `cura.train.fsdp` has made some of them frozen parameters, which FSDP places itself)
+        quant = {
+            name: self._buffers.pop(name) for name in ("weight", *_QUANT_BUFFERS) if name in self._buffers
+        }
         try:
             super()._apply(fn, recurse)
         finally:

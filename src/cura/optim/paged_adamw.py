@@ -138,7 +138,7 @@ class PagedAdamW(torch.optim.Optimizer):
     def _init_state(self, param: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
         """Zero state in host memory; `_place` then moves it to the device where it fits."""
         state: dict[str, torch.Tensor] = {"step": torch.tensor(0.0, dtype=torch.float32)}
-        zeros = torch.zeros_like(param, memory_format=torch.preserve_format, device="cpu")
+        zeros = torch.zeros_like(_local(param), memory_format=torch.preserve_format, device="cpu")
         for name in _MOMENTS:
             if bits == 8:
                 codes, absmax = quantize_blockwise(zeros, dynamic_map(_SIGNED[name]))
@@ -251,14 +251,15 @@ class PagedAdamW(torch.optim.Optimizer):
         return self.page_device if self.page_device is not None else param.device
 
     def _update(self, group: dict, param: torch.Tensor, moments: dict, device: torch.device) -> None:
-        target = param if param.device == device else param.to(device)
-        grad = param.grad if param.grad.device == device else param.grad.to(device)
+        local, local_grad = _local(param), _local(param.grad)  # a sharded (FSDP) parameter: this rank's rows
+        target = local if local.device == device else local.to(device)
+        grad = local_grad if local_grad.device == device else local_grad.to(device)
         beta1, beta2 = group["betas"]
         state = self.state[param]
         self._adamw(target, grad, moments["exp_avg"], moments["exp_avg_sq"], state["step"],
                     group["lr"], beta1, beta2, group["eps"], group["weight_decay"])  # fmt: skip
-        if target is not param:
-            param.copy_(target)
+        if target is not local:
+            local.copy_(target)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -345,12 +346,20 @@ class PagedAdamW(torch.optim.Optimizer):
         value = value if torch.is_tensor(value) else torch.tensor(float(value), dtype=torch.float32)
         if name == "step":
             return value.detach().to("cpu", torch.float32, copy=True)
-        if not name.endswith("_absmax") and tuple(value.shape) != tuple(param.shape):
+        shape = tuple(_local(param).shape)
+        if not name.endswith("_absmax") and tuple(value.shape) != shape:
             raise CuraError(
                 f"optimizer state '{name}' of parameter {key} has shape {tuple(value.shape)} but the parameter "
-                f"has {tuple(param.shape)}; resume with the same model and LoRA settings"
+                f"has {shape}; resume with the same model and LoRA settings"
             )
         return self._to_home(value.to(param.dtype) if name in _MOMENTS else value, param)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a parameter sharded by FSDP2: its state and update are per shard),
+    or `t` itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -188,11 +188,14 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def load_checkpoint(path: Path, *, optimizer: torch.optim.Optimizer, scheduler) -> TrainerState:
-    """Restore optimizer, scheduler and RNG from `path`; returns the trainer state (step, data position...)."""
+def load_checkpoint(
+    path: Path, *, optimizer: torch.optim.Optimizer, scheduler, optimizer_file: str = "optimizer.safetensors"
+) -> TrainerState:
+    """Restore optimizer, scheduler and RNG from `path`; returns the trainer state (step, data position...).
+    `optimizer_file`: under --fsdp rank r > 0 reads its own shard (`cura.train.fsdp.optimizer_file`)."""
     try:
         state = json.loads((path / COMPLETE_MARKER).read_text(encoding="utf-8"))
-        tensors = load_safetensors(path / "optimizer.safetensors")  # headers checked: a damaged file is
+        tensors = load_safetensors(path / optimizer_file)  # headers checked: a damaged file is
         rng = load_safetensors(path / "rng.safetensors")  # a CuraError (cura.safetensors_check)
     except (OSError, ValueError) as exc:  # ValueError: bad JSON, bytes that are not UTF-8
         raise CuraError(

@@ -94,6 +94,8 @@ class TrainConfig:
     """gradient clipping norm (QLoRA's default); 0 disables clipping"""
     gradient_checkpointing: bool = True
     """recompute each layer in backward instead of keeping its activations"""
+    fsdp: bool = False
+    """with --nproc N / torchrun: shard the 4-bit base, LoRA weights and optimizer state across the N processes (FSDP2)"""
     loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS
     """the loss computes logits for this many trained tokens at a time"""
     seed: int = 0

@@ -28,13 +28,8 @@ A stop signal on any rank stops every rank after the same step (the flag is all-
 that loses its peers (one was killed) ends with one sentence instead of a traceback; torchrun then stops
 the others. A checkpoint written by another number of processes is refused on resume (`check_world_size`).
 
-Not here: sharding the base (FSDP2). `fully_shard` shards parameters only, and `Linear4bit`'s packed codes
-and quantization constants are buffers, so they would stay whole on every rank. Sharding them needs the
-4-bit weight as a frozen parameter of a `torch.Tensor` subclass (as torchao's `NF4Tensor`) that implements
-the ops FSDP2 applies to a parameter (chunk/split along dim 0, view, copy_, new_zeros, ...) and the
-`fsdp_pre_all_gather` (this rank's packed rows + absmax [+ nested absmax]) / `fsdp_post_all_gather` (the
-gathered pieces rebuilt as one 4-bit weight) hooks; dim-0 shards must end on quantization-block (and, with
-double quantization, 256-block) boundaries so each rank's absmax rows belong to its own codes.
+Sharding the base as well (`--fsdp`, FSDP2): `cura.train.fsdp`. There `World.fsdp` is set and the
+gradients are reduce-scattered by FSDP2 in backward instead of `all_reduce_grads`.
 """
 
 from __future__ import annotations
@@ -75,6 +70,7 @@ class World:
     local_rank: int = 0
     device: torch.device | None = None  # the rank's device when distributed (cuda:LOCAL_RANK or cpu)
     comm_seconds: float = 0.0  # wall time in the training steps' collectives (waiting for slower ranks too)
+    fsdp: bool = False  # the model is sharded (`cura.train.fsdp`): FSDP2 reduce-scatters the gradients itself
 
     @property
     def is_main(self) -> bool:
@@ -108,7 +104,7 @@ class World:
     def all_reduce_grads(self, params: Sequence[torch.nn.Parameter]) -> None:
         """Sum every parameter's gradient over the ranks, in flat buckets (a missing gradient counts as 0);
         the planner counts the largest bucket (`cura.memory.activations.all_reduce_buffers`)."""
-        if not self.distributed:
+        if not self.distributed or self.fsdp:
             return
         grads = []
         for p in params:
@@ -309,9 +305,15 @@ def evaluate_loss_over_ranks(
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for i in range(world.rank, len(eval_batches), world.size):
-            s, n = steps.loss_sum(model, steps.to_device(eval_batches[i], device), chunk)
-            total, count = total + float(s), count + n
+        # under --fsdp every forward is collective: each rank runs as many (a spare rank repeats the last
+        # batch and adds nothing)
+        end = -(-len(eval_batches) // world.size) * world.size if world.fsdp else len(eval_batches)
+        for i in range(world.rank, end, world.size):
+            s, n = steps.loss_sum(
+                model, steps.to_device(eval_batches[min(i, len(eval_batches) - 1)], device), chunk
+            )
+            if i < len(eval_batches):
+                total, count = total + float(s), count + n
     model.train(was_training)
     total, count = world.sum([total, count])
     return total / max(count, 1)

@@ -28,7 +28,7 @@ from cura.config import to_dict
 from cura.errors import CuraError
 from cura.hardware import default_device
 from cura.models import BaseSpec
-from cura.train import guard, resume_check
+from cura.train import fsdp, guard, resume_check
 from cura.train.checkpoint import (
     TrainerState,
     latest_checkpoint,
@@ -174,7 +174,12 @@ def start_or_resume(run: Run, session: Session, say: Say) -> TrainerState:
         "a new output folder",
     )
     load_adapter(run.model, latest, trainable=True)
-    state = load_checkpoint(latest, optimizer=run.optimizer, scheduler=run.scheduler)
+    state = load_checkpoint(
+        latest,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        optimizer_file=fsdp.optimizer_file(world, latest),
+    )
     check_world_size(latest, state.world_size, world)  # before the settings: --nproc rescales batch_size
     record, changed = resume_check.check_resume(session.out, run.config, run.model)
     world.restore_rng(latest)  # rank r > 0: its own RNG state (load_checkpoint restored rank 0's)
@@ -288,9 +293,12 @@ def checkpoint_due(config: TrainConfig, state: TrainerState) -> bool:
     )
 
 
-def save_run_adapter(run: Run, folder: Path) -> None:
-    """The adapter files (PEFT layout plus cura's record of the base) of this run into `folder`."""
-    save_adapter(run.model, run.config.lora, folder, base=run_base_spec(run))
+def save_run_adapter(run: Run, folder: Path, weights=None, optimizer_shards=None) -> None:
+    """The adapter files (PEFT layout plus cura's record of the base) of this run into `folder`; under
+    --fsdp the gathered `weights` and the other ranks' optimizer shards (`cura.train.fsdp`)."""
+    save_adapter(run.model, run.config.lora, folder, base=run_base_spec(run), weights=weights)
+    if optimizer_shards:
+        fsdp.write_optimizer_shards(folder, optimizer_shards)
 
 
 def run_base_spec(run: Run) -> BaseSpec:
@@ -307,12 +315,13 @@ def save_run_checkpoint(run: Run, state: TrainerState, session: Session) -> Path
     """The checkpoint of this step, written by rank 0 with every rank's RNG state (every rank calls this:
     gathering the RNG states is a collective); None on the other ranks."""
     other_ranks_rng = run.world.gather_rng()
+    weights, shards = fsdp.gather_for_save(run)  # under --fsdp (a collective); (None, {}) otherwise
     if not run.world.is_main:
         return None
     return save_checkpoint(
         session.checkpoints,
         state,
-        save_adapter_to=partial(save_run_adapter, run),
+        save_adapter_to=partial(save_run_adapter, run, weights=weights, optimizer_shards=shards),
         optimizer=run.optimizer,
         scheduler=run.scheduler,
         keep=run.config.keep_checkpoints,
@@ -335,9 +344,10 @@ def finish(run: Run, state: TrainerState, session: Session, say: Say) -> TrainRe
             f"in {last_ckpt}. Resume with the same command plus --resume (output folder {session.out})"
         )
     adapter_dir = session.out / "adapter"
+    weights = fsdp.full_adapter(run.model) if run.world.fsdp else None  # every rank takes part
     if run.world.is_main:  # the adapter is saved before the last eval, which a signal may cut short
         with atomic_folder(adapter_dir) as tmp:  # a crash leaves the previous adapter, never half of one
-            save_run_adapter(run, tmp)
+            save_run_adapter(run, tmp, weights=weights)
     eval_after, metrics_after = evaluate_after(run, session)  # every rank takes part
     if session.signals is not None:
         session.signals.phase = "save"
@@ -345,6 +355,7 @@ def finish(run: Run, state: TrainerState, session: Session, say: Say) -> TrainRe
         return worker_result(run, state, session)
     rows = session.metrics.read()
     summary = run_summary(run, state, session, rows, eval_after)
+    summary.update(fsdp.summary_fields(run.model))  # --fsdp: the 4-bit bytes each rank holds
     if run.config.objective != "sft":
         summary.update(preference_summary(run.config, state.eval_metrics_before, metrics_after))
     report_stall(run, rows, summary, say)

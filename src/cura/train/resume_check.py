@@ -49,7 +49,7 @@ NEUTRAL = {
 }
 """Config keys that do not change the trained weights: never compared."""
 
-FIXED_PREFIXES = ("model", "method", "quant_type", "blocksize", "double_quant", "lora.", "optimizer")
+FIXED_PREFIXES = ("model", "method", "quant_type", "blocksize", "double_quant", "lora.", "optimizer", "fsdp")
 """Keys `--allow-change` cannot name: the checkpoint is meaningless with other values."""
 
 _HEAD = 1 << 20

@@ -34,6 +34,7 @@ from cura.optim import PagedAdamW
 from cura.train.autofit import apply_cpu_malloc
 from cura.train.config import TrainConfig
 from cura.train.distributed import World, evaluate_loss_over_ranks, reseed_per_rank, shard_batches
+from cura.train.fsdp import check_fsdp, shard_model
 from cura.train.preference_config import WITH_REFERENCE
 from cura.train.steps import enable_activation_checkpointing, lr_lambda, optimizer_step
 
@@ -159,10 +160,14 @@ class Run:
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) parameters; the frozen 4-bit weights are buffers and counted by their shape."""
         trainable = sum(p.numel() for p in self.params)
-        total = sum(p.numel() for p in self.model.parameters())
+        total = 0
         for module in self.model.modules():
-            if isinstance(module, Linear4bit):
-                total += module.in_features * module.out_features
+            if isinstance(module, Linear4bit):  # (under --fsdp its codes are frozen parameters: not counted)
+                total += module.in_features * module.out_features + (
+                    module.bias.numel() if module.bias is not None else 0
+                )
+            else:
+                total += sum(p.numel() for p in module.parameters(recurse=False))
         return trainable, total
 
 
@@ -300,11 +305,14 @@ def build_run(
             f"objective '{config.objective}' runs on one process for now (its gradients are not all-reduced "
             "across ranks): train it without --nproc / torchrun"
         )
+    check_fsdp(config, world)  # --fsdp needs several processes (cura.train.fsdp)
     compute_dtype = resolve_compute_dtype(config.compute_dtype, device)
     tokenizer, data = load_data(config, say) if with_data else (None, None)
     model, kind, targets = build_model(config, device, compute_dtype)
+    world.broadcast_params([p for p in model.parameters() if p.requires_grad])
+    if config.fsdp:
+        world.fsdp = bool(shard_model(model, world))  # each rank keeps 1/N of the layers from here on
     params = [p for p in model.parameters() if p.requires_grad]
-    world.broadcast_params(params)
     reseed_per_rank(world, config.seed)
     optimizer = make_optimizer(config, params)
     stream, eval_batches, per_epoch = None, [], None
