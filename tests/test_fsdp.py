@@ -1,0 +1,141 @@
+"""`cura train --nproc 2 --fsdp` (FSDP2 sharding the 4-bit base), started for real through torchrun (gloo on
+CPU) on the tiny random Llama of tests/test_distributed.py.
+
+One sharded run is compared with one process reading the whole global batch (losses, gradient norms and the
+saved adapter), its summary reports what each rank held, and its checkpoint is resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from cura.errors import CuraError
+from cura.train import train
+from cura.train.checkpoint import checkpoint_dir
+from test_distributed import (  # noqa: F401  (fixtures)
+    _kill_tree,
+    adapter,
+    cura,
+    finish,
+    flags,
+    losses,
+    one_process_config,
+    settings,
+    tiny_source,
+    train_file,
+)
+
+STEPS = 6
+SAVE_EVERY = 3
+# float32: one process and two sharded ones sum the same gradients in another order (reduce-scatter), and
+# pad to other lengths: rounding only (measured: equal to ~1e-7 relative)
+LOSS_RTOL = 1e-5
+ADAPTER_ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_source, train_file, tmp_path_factory):  # noqa: F811
+    """sharded: --nproc 2 --fsdp, checkpoints at steps 3 and 6; resumed: a copy of it without the step-6
+    checkpoint, resumed with --resume; one: one process (in this one) reading the global batch."""
+    root = tmp_path_factory.mktemp("fsdp")
+    out = {name: root / name for name in ("sharded", "resumed", "one")}
+    common = dict(max_steps=STEPS, save_every=SAVE_EVERY)
+    launched = []
+    try:
+        sharded = cura(
+            *flags(settings(tiny_source, train_file, output=out["sharded"], **common)),
+            "--nproc",
+            "2",
+            "--fsdp",
+        )
+        launched.append(sharded)
+        one = train(one_process_config(tiny_source, train_file, out["one"], max_steps=STEPS))
+        result = {"paths": out, "one": one, "sharded_err": finish(sharded)}
+        shutil.copytree(out["sharded"], out["resumed"])
+        shutil.rmtree(checkpoint_dir(out["resumed"] / "checkpoints", STEPS))
+        resumed = cura(
+            *flags(settings(tiny_source, train_file, output=out["resumed"], **common)),
+            "--nproc",
+            "2",
+            "--fsdp",
+            "--resume",
+        )
+        launched.append(resumed)
+        result["resumed_err"] = finish(resumed)
+        yield result
+    finally:
+        for proc in launched:  # a failed check must not leave ranks running
+            if proc.poll() is None:
+                _kill_tree(proc.pid)
+                proc.wait(timeout=30)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_fsdp_on_two_processes_equals_one_process_with_the_global_batch(runs):
+    """Per-rank batch 2 on 2 sharded processes == batch 4 on one: the losses and the clipped gradient norms
+    (the norm of the whole gradient, not of a shard) within float32 rounding; the saved adapter (gathered
+    whole by rank 0, an ordinary PEFT file) too."""
+    assert runs["one"]["completed"]
+    got, want = metrics(runs["paths"]["sharded"]), metrics(runs["paths"]["one"])
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, STEPS + 1))
+    for a, b in zip(got, want, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL), f"step {a['step']}: {a} vs {b}"
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=LOSS_RTOL), f"step {a['step']}"
+    one_adapter = adapter(runs["paths"]["one"])
+    sharded_adapter = adapter(runs["paths"]["sharded"])
+    assert set(sharded_adapter) == set(one_adapter)
+    for key, value in sharded_adapter.items():
+        assert value.shape == one_adapter[key].shape  # whole tensors, not a rank's shard
+        torch.testing.assert_close(value, one_adapter[key], rtol=0, atol=ADAPTER_ATOL)
+
+
+def test_each_rank_holds_about_half_of_the_4bit_base(runs):
+    """summary.json: the bytes of 4-bit storage (codes, scales, code books) of the whole base, and those each
+    rank held after sharding, measured on its own local shard tensors (padding included)."""
+    summary = json.loads((runs["paths"]["sharded"] / "summary.json").read_text())
+    whole, per_rank = summary["model_4bit_bytes"], summary["resident_4bit_bytes_per_rank"]
+    assert summary["fsdp"] is True and summary["world_size"] == 2 and len(per_rank) == 2
+    assert sum(per_rank) >= whole  # nothing lost (a shard's padding is counted)
+    for held in per_rank:
+        assert 0.45 * whole <= held <= 0.55 * whole, (held, whole)
+    assert summary["communication_seconds_per_step"] > 0  # the all-gathers and reduce-scatters, timed
+
+
+def test_fsdp_checkpoint_holds_every_ranks_optimizer_shard_and_resumes_exactly(runs):
+    """The checkpoint has rank 1's optimizer shard beside rank 0's; resumed from step 3 it gives exactly the
+    losses and adapter of the run that was never stopped (same ranks, same sums: equal, not close)."""
+    ckpt = checkpoint_dir(runs["paths"]["sharded"] / "checkpoints", SAVE_EVERY)
+    assert (ckpt / "optimizer.safetensors").is_file() and (ckpt / "optimizer.rank1.safetensors").is_file()
+    assert (
+        f"resuming from {checkpoint_dir(runs['paths']['resumed'] / 'checkpoints', SAVE_EVERY)}"
+        in (runs["resumed_err"])
+    )
+    assert losses(runs["paths"]["resumed"]) == losses(runs["paths"]["sharded"])
+    reference = adapter(runs["paths"]["sharded"])
+    for key, value in adapter(runs["paths"]["resumed"]).items():
+        torch.testing.assert_close(value, reference[key], rtol=0, atol=0)
+
+
+def test_fsdp_on_one_process_is_refused_in_one_sentence(tiny_source, train_file, tmp_path):  # noqa: F811
+    config = one_process_config(tiny_source, train_file, tmp_path / "out", max_steps=1).replace(fsdp=True)
+    with pytest.raises(CuraError, match="config key 'fsdp' shards the model across processes"):
+        train(config)
+
+
+def test_fsdp_with_a_preference_objective_is_refused():
+    from cura.train import TrainConfig
+    from cura.train.distributed import World
+    from cura.train.fsdp import check_fsdp
+
+    config = TrainConfig(fsdp=True, objective="dpo")
+    with pytest.raises(CuraError, match="works with objective 'sft' only"):
+        check_fsdp(config, World(rank=0, size=2))
+    check_fsdp(config.replace(objective="sft"), World(rank=0, size=2))  # fine
