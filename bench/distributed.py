@@ -1,12 +1,16 @@
-"""Data parallel on this machine: one process at batch 2b vs `cura train --nproc 2` at batch b per process.
+"""Several processes on this machine: one process at batch 2b vs `cura train --nproc 2` at batch b per
+process, data parallel (DDP-equivalent) and sharded (`--fsdp`, FSDP2).
 
 A random Llama (hidden 256, 4 layers, vocabulary of the tiny ChatML tokenizer) saved to a temporary folder,
-the demo's order data, float32, LoRA r=8, gradient checkpointing, the same global batch and steps on both
-sides. Reported from each run's summary.json: rank 0's peak resident memory (every rank holds the whole 4-bit
-base, so the others are the same size), median seconds per step, and for 2 processes the seconds per step
-spent in collectives (token counts, loss, the bucketed LoRA-gradient all-reduce, the stop flag; it includes
-waiting for the slower rank). Losses of both sides are compared step by step (they should agree to float32
-rounding). FSDP (sharding the base) is not implemented, so it has no row.
+the demo's order data, float32, LoRA r=8, gradient checkpointing, the same global batch and steps on every
+side. Reported from each run's summary.json: rank 0's peak resident memory (the process's peak RSS: at this
+model size it is mostly the Python/torch runtime, so sharding a 1 MiB base barely moves it), median seconds
+per step, and for 2 processes the seconds per step spent in collectives (data parallel: token counts, loss,
+the bucketed LoRA-gradient all-reduce, the stop flag; FSDP: those plus every layer's all-gather in forward
+and in the checkpointed backward and its gradients' reduce-scatter; both include waiting for the slower
+rank). For FSDP also the 4-bit bytes of the whole base and those each rank holds (measured on its local
+shard tensors), which is where sharding shows at any model size. Losses are compared step by step with the
+one process (they should agree to float32 rounding).
 
 On a GPU machine the same script runs the processes on GPUs when CUDA is present (nccl); this was not run
 here. Usage: python bench/distributed.py [--steps 20]   -> bench/results/distributed.json
@@ -57,7 +61,7 @@ def make_model(folder: Path) -> None:
     tok.save_pretrained(folder)
 
 
-def run(model: Path, out: Path, steps: int, nproc: int) -> dict:
+def run(model: Path, out: Path, steps: int, nproc: int, fsdp: bool = False) -> dict:
     args = [
         sys.executable,
         "-m",
@@ -88,6 +92,8 @@ def run(model: Path, out: Path, steps: int, nproc: int) -> dict:
     ]
     if nproc > 1:
         args += ["--nproc", str(nproc)]
+    if fsdp:
+        args.append("--fsdp")
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
     subprocess.run(args, check=True, env=env, capture_output=True, text=True, timeout=1800)
     summary = json.loads((out / "summary.json").read_text())
@@ -100,6 +106,7 @@ def run(model: Path, out: Path, steps: int, nproc: int) -> dict:
         "median_seconds_per_step": statistics.median(r["seconds"] for r in rows[1:]),
         "communication_seconds_per_step": summary.get("communication_seconds_per_step"),
         "losses": [r["loss"] for r in rows],
+        **{k: summary[k] for k in ("model_4bit_bytes", "resident_4bit_bytes_per_rank") if k in summary},
     }
 
 
@@ -112,17 +119,30 @@ def main() -> None:
         make_model(tmp / "model")
         one = run(tmp / "model", tmp / "one", args.steps, 1)
         two = run(tmp / "model", tmp / "two", args.steps, 2)
-    worst = max(abs(a - b) / abs(b) for a, b in zip(two["losses"], one["losses"], strict=True))
+        sharded = run(tmp / "model", tmp / "fsdp", args.steps, 2, fsdp=True)
+
+    def worst(side: dict) -> float:
+        return max(abs(a - b) / abs(b) for a, b in zip(side["losses"], one["losses"], strict=True))
+
     result = {
         "machine": describe_machine(),
         "note": "CPU, gloo, OMP_NUM_THREADS=1 per process, taken on a shared machine under load: compare "
-        "ratios from this run, not absolute times; FSDP not implemented; GPUs not run",
+        "ratios from this run, not absolute times; GPUs not run (no GPU on this machine)",
         "settings": {"seq_len": SEQ, "steps": args.steps, "model": "random Llama, hidden 256, 4 layers"},
         "one_process": one,
         "two_processes": two,
+        "two_processes_fsdp": sharded,
         "peak_memory_ratio_two_over_one": two["peak_memory_bytes_rank0"] / one["peak_memory_bytes_rank0"],
+        "peak_memory_ratio_fsdp_over_one": sharded["peak_memory_bytes_rank0"]
+        / one["peak_memory_bytes_rank0"],
+        "resident_4bit_ratio_fsdp_rank_over_whole": max(sharded["resident_4bit_bytes_per_rank"])
+        / sharded["model_4bit_bytes"],
         "step_time_ratio_two_over_one": two["median_seconds_per_step"] / one["median_seconds_per_step"],
-        "max_relative_loss_difference": worst,
+        "step_time_ratio_fsdp_over_one": sharded["median_seconds_per_step"] / one["median_seconds_per_step"],
+        "communication_ratio_fsdp_over_ddp": sharded["communication_seconds_per_step"]
+        / two["communication_seconds_per_step"],
+        "max_relative_loss_difference": worst(two),
+        "max_relative_loss_difference_fsdp": worst(sharded),
     }
     write_json(REPO / "bench" / "results" / "distributed.json", result)
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))

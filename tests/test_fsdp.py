@@ -139,3 +139,60 @@ def test_fsdp_with_a_preference_objective_is_refused():
     with pytest.raises(CuraError, match="works with objective 'sft' only"):
         check_fsdp(config, World(rank=0, size=2))
     check_fsdp(config.replace(objective="sft"), World(rank=0, size=2))  # fine
+
+
+def _plan_spec(**overrides):
+    from cura.memory.spec import PlanSpec
+
+    base = dict(
+        method="qlora",
+        quant_type="nf4",
+        double_quant=True,
+        blocksize=64,
+        lora_r=8,
+        lora_targets="all-linear",
+        lora_dropout=0.05,
+        optimizer="paged_adamw",
+        compute_dtype="float32",
+        batch_size=2,
+        seq_len=24,
+        gradient_checkpointing=True,
+        loss_chunk_tokens=1024,
+        packing=True,
+        device="cpu",
+    )
+    return PlanSpec(**{**base, **overrides})
+
+
+def test_planner_fsdp_rank_holds_a_shard_plus_the_gathered_layer():
+    """`cura estimate --nproc N --fsdp`: the 4-bit base, its constants, the LoRA weights and the optimizer
+    state are 1/N per rank plus one whole layer (two on a GPU: the prefetched one); embeddings stay whole;
+    the data-parallel all-reduce phase is gone (FSDP reduce-scatters in backward)."""
+    from cura.memory import plan, shape_from_config
+    from tiny import tiny_model
+
+    shape = shape_from_config(tiny_model("llama").config.to_dict())
+    one = plan(shape, _plan_spec())
+    for device, gathered in (("cpu", 1), ("cuda", 2)):
+        whole = plan(shape, _plan_spec(device=device))
+        four = plan(shape, _plan_spec(device=device, world_size=4, fsdp=True))
+        for name in ("quantized base weights", "quantization constants", "LoRA adapters"):
+            total = whole.term(name)
+            per_layer = -(-total // shape.num_layers)
+            assert four.term(name) == -(-total // 4) + gathered * per_layer, name
+        assert four.term("optimizer state") == -(-whole.term("optimizer state") // 4)
+        assert four.term("embeddings, lm_head, norms") == whole.term("embeddings, lm_head, norms")
+        assert "all_reduce" not in four.phases
+    ddp = plan(shape, _plan_spec(world_size=4))
+    assert "all_reduce" in ddp.phases and ddp.term("quantized base weights") == one.term(
+        "quantized base weights"
+    )
+
+
+def test_estimate_fsdp_needs_several_processes(capsys):
+    from cura.cli import main
+
+    assert main(["estimate", "--model", "smollm2-135m", "--fsdp"]) == 2
+    assert "--fsdp shards the model across processes" in capsys.readouterr().err
+    assert main(["estimate", "--model", "smollm2-135m", "--fsdp", "--nproc", "2"]) == 0
+    assert "FSDP-sharded parallel" in capsys.readouterr().out

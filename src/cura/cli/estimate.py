@@ -36,6 +36,7 @@ FLAGS = {
     "loss_chunk_tokens": "loss_chunk_tokens",
     "packing": "data.packing",
     "objective": "objective",  # dpo/orpo: two sequences per example (cura.memory.planner)
+    "fsdp": "fsdp",  # with --nproc N: the plan of one rank of a sharded run (cura.memory.sharding)
 }
 
 
@@ -50,7 +51,7 @@ def register(sub) -> None:
     for flag, key in FLAGS.items():
         extra = (
             {"nargs": "?", "const": "true"}
-            if key in ("double_quant", "gradient_checkpointing", "data.packing")
+            if key in ("double_quant", "gradient_checkpointing", "data.packing", "fsdp")
             else {}
         )
         names = [f"--{flag.replace('_', '-')}"]
@@ -131,6 +132,8 @@ def run(args) -> int:
     shape = shape_from_source(config.model)
     if args.nproc < 1:
         raise CuraError(f"--nproc must be at least 1, got {args.nproc}")
+    if config.fsdp and args.nproc < 2:
+        raise CuraError("--fsdp shards the model across processes: give --nproc N with N >= 2 as well")
     spec = plan_spec(config, device, method=method, native_bf16=native_bf16, world_size=args.nproc)
     the_plan = plan(shape, spec)
     result = fit(shape, spec, budget.bytes, bf16_ok=native_bf16 is not False) if budget else None

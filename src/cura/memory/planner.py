@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from cura.memory import sharding
 from cura.memory.activations import (
     all_reduce_buffers,
     final_norm_and_gather,
@@ -133,7 +134,9 @@ def _activation_phases(shape: ModelShape, spec: PlanSpec) -> dict[str, dict[str,
         },
         "update": {"activations": 0, "logits and loss": 0, "working buffers": update_buffers(shape, spec)},
     }
-    if spec.world_size > 1:  # between backward and the update: the gradients' all-reduce across processes
+    if spec.world_size > 1 and spec.fsdp:  # FSDP2 reduce-scatters each layer's gradients in backward
+        phases["first_layer"]["working buffers"] += sharding.reduce_scatter_buffers(shape, spec)
+    elif spec.world_size > 1:  # between backward and the update: the gradients' all-reduce across processes
         phases["all_reduce"] = {
             "activations": 0,
             "logits and loss": 0,
@@ -175,9 +178,13 @@ def plan(shape: ModelShape, spec: PlanSpec) -> MemoryPlan:
         adapters(shape, spec),
     ]
     state, host = optimizer_state(shape, spec)
-    base = sum(t.bytes for t in persistent) + state.bytes
     phases = _activation_phases(shape, spec)
     grads = {name: gradients(shape, spec, name) for name in phases}
+    if spec.fsdp and spec.world_size > 1:  # one rank's share (cura.memory.sharding)
+        persistent = [sharding.shard_term(t, shape, spec) for t in persistent]
+        state, host = sharding.shard_state(state, host, spec)
+        grads = {k: sharding.shard_gradients(g, shape, spec, k) for k, g in grads.items()}
+    base = sum(t.bytes for t in persistent) + state.bytes
     totals = {name: base + grads[name].bytes + sum(parts.values()) for name, parts in phases.items()}
     peak = max(totals, key=lambda k: totals[k])
     dynamic = [Term(k, v, _ACTIVATION_FORMULAS[k](shape, spec, peak)) for k, v in phases[peak].items()]

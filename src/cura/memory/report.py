@@ -47,7 +47,8 @@ def describe_run(p: MemoryPlan) -> str:
         f"{'on' if s.gradient_checkpointing else 'off'}, loss chunks of {s.loss_chunk_tokens}, "
         f"{'packed' if s.packing else 'unpacked'} batches, device {s.device}"
         + (
-            f"; per process of {s.world_size} (data parallel: global batch {s.batch_size * s.world_size})"
+            f"; per process of {s.world_size} ({'FSDP-sharded' if s.fsdp else 'data'} parallel: global batch "
+            f"{s.batch_size * s.world_size})"
             if s.world_size > 1
             else ""
         )

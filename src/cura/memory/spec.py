@@ -54,6 +54,7 @@ class PlanSpec:
     device: Device
     lora_exclude: tuple[str, ...] = ()
     world_size: int = 1  # data-parallel processes (`cura train --nproc`); batch_size is per process
+    fsdp: bool = False  # with world_size > 1: base, LoRA and optimizer state sharded (`cura.memory.sharding`)
     sequences_per_example: int = 1  # 2 for DPO/ORPO: chosen and rejected go through the model in one batch
 
     def __post_init__(self) -> None:

@@ -41,5 +41,6 @@ def plan_spec(
         packing=config.data.packing and config.objective == "sft",  # preference batches are padded
         device=device,
         world_size=world_size,
+        fsdp=config.fsdp and world_size > 1,
         sequences_per_example=2 if config.objective in PAIRED else 1,
     )
