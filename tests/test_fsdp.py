@@ -196,3 +196,18 @@ def test_estimate_fsdp_needs_several_processes(capsys):
     assert "--fsdp shards the model across processes" in capsys.readouterr().err
     assert main(["estimate", "--model", "smollm2-135m", "--fsdp", "--nproc", "2"]) == 0
     assert "FSDP-sharded parallel" in capsys.readouterr().out
+
+
+def test_fit_suggests_fsdp_when_several_processes_do_not_fit():
+    """`cura estimate --nproc N --fit MEM`: sharding is the first change when the per-process plan does not
+    fit (it keeps the results), and it is not proposed for one process."""
+    from cura.memory import KNOWN_SHAPES, fit, plan
+
+    shape = KNOWN_SHAPES["llama-3-70b"]
+    spec = _plan_spec(device="cuda", compute_dtype="bfloat16", batch_size=4, seq_len=512, world_size=8)
+    budget = 24 * 2**30
+    assert not plan(shape, spec).fits(budget)
+    result = fit(shape, spec, budget)
+    assert result.fits and [(c.field, c.new) for c in result.changes] == [("fsdp", True)]
+    alone = fit(shape, _plan_spec(device="cuda", compute_dtype="bfloat16", batch_size=4, seq_len=512), budget)
+    assert "fsdp" not in {c.field for c in alone.changes}

@@ -5,6 +5,8 @@
 The changes are tried in this order, each kept only if it lowers the planned peak, until the plan fits:
 
     1. gradient checkpointing on          same results, ~30% more compute
+    1b. --fsdp (with --nproc N > 1)       same results; base, LoRA and optimizer state / N per process,
+                                          more communication (cura.memory.sharding)
     2. bfloat16 compute (GPUs with bf16)  half the activation memory; the QLoRA recipe's dtype
     3. paged optimizer                    state to host memory (GPU); same numbers
     4. 8-bit optimizer state              4x less state; a small numeric change (Dettmers et al. 2021)
@@ -102,6 +104,9 @@ def _candidates(shape: ModelShape, spec: PlanSpec, budget: int, bf16_ok: bool) -
     proposed against the spec as changed so far."""
     if not spec.gradient_checkpointing:
         yield {"gradient_checkpointing": True}, "recompute each layer in backward (~30% more compute)"
+    if spec.world_size > 1 and not spec.fsdp:
+        why = f"shard the 4-bit base, LoRA and optimizer state over the {spec.world_size} processes (same results)"
+        yield {"fsdp": True}, why
     if spec.device == "cuda" and spec.compute_dtype == "float32" and bf16_ok:
         yield {"compute_dtype": "bfloat16"}, "compute in bfloat16 as QLoRA does (weights stay float32)"
     if spec.optimizer == "adamw":
