@@ -97,6 +97,17 @@ def test_fsdp_on_two_processes_equals_one_process_with_the_global_batch(runs):
         torch.testing.assert_close(value, one_adapter[key], rtol=0, atol=ADAPTER_ATOL)
 
 
+def test_an_fsdp_adapter_merges_like_any_other(runs, tmp_path, capsys):
+    """`cura merge` on the sharded run's adapter (its own parity check against the adapter on the base)."""
+    from cura.cli import main
+
+    rc = main(
+        ["merge", "--adapter", str(runs["paths"]["sharded"] / "adapter"), "--output", str(tmp_path / "m")]
+    )
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    assert (tmp_path / "m" / "config.json").is_file()
+
+
 def test_each_rank_holds_about_half_of_the_4bit_base(runs):
     """summary.json: the bytes of 4-bit storage (codes, scales, code books) of the whole base, and those each
     rank held after sharding, measured on its own local shard tensors (padding included)."""

@@ -37,7 +37,10 @@ FSDP2 otherwise uses for a custom factor); every micro-batch's
 backward reduce-scatters into the sharded gradient, which accumulates across micro-batches; the clipping
 norm is that of the whole gradient (`clip_grad_norm_` on DTensors all-reduces the shards' squared norms).
 `PagedAdamW` updates each rank's local shard (`cura.optim.paged_adamw`: DTensors are stepped through their
-local tensors), so its moments are 1/N of the model's.
+local tensors), so its moments are 1/N of the model's. With `paged_adamw_8bit` the 8-bit state's blocks of
+256 values are taken over each rank's shard rather than the whole tensor, so its quantization (and the
+trajectory, by ~1e-5 relative over a few steps on the tiny test model) differs slightly from one process;
+32-bit states match to float rounding.
 
 Checkpoints. The adapter is saved whole by rank 0 (each LoRA weight all-gathered on every rank, then written
 in the PEFT layout like any run's: merge and export need nothing special). Optimizer state is per rank:
