@@ -118,6 +118,8 @@ def test_each_rank_holds_about_half_of_the_4bit_base(runs):
     for held in per_rank:
         assert 0.45 * whole <= held <= 0.55 * whole, (held, whole)
     assert summary["communication_seconds_per_step"] > 0  # the all-gathers and reduce-scatters, timed
+    for key in ("trainable_parameters", "total_parameters"):  # counted by their whole shapes, not shards
+        assert summary[key] == runs["one"][key], key
 
 
 def test_fsdp_checkpoint_holds_every_ranks_optimizer_shard_and_resumes_exactly(runs):

@@ -160,14 +160,14 @@ class Run:
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) parameters; the frozen 4-bit weights are buffers and counted by their shape."""
         trainable = sum(p.numel() for p in self.params)
-        total = 0
+        quant = set()  # under --fsdp a Linear4bit's codes and scales are frozen parameters: counted by shape
         for module in self.model.modules():
-            if isinstance(module, Linear4bit):  # (under --fsdp its codes are frozen parameters: not counted)
-                total += module.in_features * module.out_features + (
-                    module.bias.numel() if module.bias is not None else 0
-                )
-            else:
-                total += sum(p.numel() for p in module.parameters(recurse=False))
+            if isinstance(module, Linear4bit):
+                quant.update(id(t) for t in module.parameters(recurse=False) if t is not module.bias)
+        total = sum(p.numel() for p in self.model.parameters() if id(p) not in quant)
+        for module in self.model.modules():
+            if isinstance(module, Linear4bit):
+                total += module.in_features * module.out_features
         return trainable, total
 
 
