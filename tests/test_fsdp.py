@@ -224,3 +224,47 @@ def test_fit_suggests_fsdp_when_several_processes_do_not_fit():
     assert result.fits and [(c.field, c.new) for c in result.changes] == [("fsdp", True)]
     alone = fit(shape, _plan_spec(device="cuda", compute_dtype="bfloat16", batch_size=4, seq_len=512), budget)
     assert "fsdp" not in {c.field for c in alone.changes}
+
+
+GUARD_SCRIPT = """
+import json, sys
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import distribute_tensor, Shard
+from cura.train.guard import weights_problem
+
+dist.init_process_group("gloo")
+mesh = init_device_mesh("cpu", (2,))
+rank = dist.get_rank()
+found = {}
+for case, value in (("fine", 0.5), ("nan", float("nan")), ("huge", 1e9)):
+    full = torch.full((4, 3), 0.25)
+    if rank == 1 and case != "fine":  # only rank 1's rows (its local chunk) are bad
+        full[3, 1] = value
+    shards = [distribute_tensor(full, mesh, [Shard(0)], src_data_rank=None),
+              distribute_tensor(torch.ones(1, 3), mesh, [Shard(0)], src_data_rank=None)]  # rank 1: empty
+    found[case] = weights_problem(shards)
+print(json.dumps({"rank": rank, **found}))
+dist.destroy_process_group()
+"""
+
+
+def test_sharded_weights_are_judged_on_every_ranks_shards(tmp_path):
+    """`guard.weights_problem` on DTensor shards: a NaN or huge weight on rank 1 alone stops both ranks (a
+    DTensor's max() is Partial and float() would read each rank's own shard only), and an empty shard is fine."""
+    import subprocess
+    import sys
+
+    from test_distributed import env
+
+    script = tmp_path / "guard.py"
+    script.write_text(GUARD_SCRIPT, encoding="utf-8")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in rows) == [0, 1]
+    for row in rows:
+        assert row["fine"] is None
+        assert row["nan"] == "non-finite (inf or NaN) LoRA weights"
+        assert row["huge"] == "LoRA weights as large as 1e+09"

@@ -42,6 +42,9 @@ local tensors), so its moments are 1/N of the model's. With `paged_adamw_8bit` t
 trajectory, by ~1e-5 relative over a few steps on the tiny test model) differs slightly from one process;
 32-bit states match to float rounding.
 
+The weight check after each update (`cura.train.guard.weights_problem`) all-reduces the shards' maxima, so
+every rank stops on a non-finite or huge weight that only one of them holds.
+
 Checkpoints. The adapter is saved whole by rank 0 (each LoRA weight all-gathered on every rank, then written
 in the PEFT layout like any run's: merge and export need nothing special). Optimizer state is per rank:
 rank 0's in `optimizer.safetensors` as always, rank r's in `optimizer.rank{r}.safetensors` (gathered to rank 0,

@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from cura.errors import CuraError
+
 HUGE = 1e8
 """Largest |LoRA weight| still taken as trained: they start below 1 and an AdamW step moves each by about
 lr (at most 1, see `TrainConfig.lr`), so 1e8 means the update blew up, and products of such weights overflow
@@ -24,16 +26,48 @@ half precision."""
 def weights_problem(params) -> str | None:
     """None when every trainable weight is finite and below `HUGE`, else what is wrong with them.
 
-    One pass and one device sync: the max of |w| per tensor is NaN or inf when any entry is."""
-    maxima = [p.detach().abs().max().float() for p in params if p.numel()]
-    if not maxima:
-        return None
-    worst = float(torch.stack([m.to(maxima[0].device) for m in maxima]).max())
+    One pass and one device sync: the max of |w| per tensor is NaN or inf when any entry is. Parameters
+    sharded across processes (DTensors, `--fsdp`) are judged on every rank's shards together
+    (`_sharded_worst`), so all ranks stop, or none."""
+    params = list(params)
+    if any(hasattr(p, "to_local") for p in params):
+        worst = _sharded_worst(params)
+    else:
+        maxima = [p.detach().abs().max().float() for p in params if p.numel()]
+        if not maxima:
+            return None
+        worst = float(torch.stack([m.to(maxima[0].device) for m in maxima]).max())
     if not math.isfinite(worst):
         return "non-finite (inf or NaN) LoRA weights"
     if worst > HUGE:
         return f"LoRA weights as large as {worst:.3g}"
     return None
+
+
+def _sharded_worst(params) -> float | None:
+    """The largest |w| over every rank's shards (inf when any is not finite), in one all-reduce: a DTensor's
+    own `max()` is a Partial placement whose `float()` reads only this rank's shard, so ranks would disagree
+    (and the one that stops would leave the others waiting in their next collective)."""
+    import torch.distributed as dist
+
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    local = [t.detach() for t in local if t.numel()]
+    device = local[0].device if local else torch.device("cpu")
+    maxima = torch.stack([t.abs().max().float() for t in local]) if local else torch.zeros(1, device=device)
+    finite = torch.isfinite(maxima)
+    both = torch.stack([(~finite).any().float(), torch.where(finite, maxima, 0.0).max()])
+    comm = both if device.type == "cuda" else both.cpu()
+    try:
+        dist.all_reduce(comm, op=dist.ReduceOp.MAX)
+    except (RuntimeError, dist.DistError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CuraError(
+            f"rank {dist.get_rank()} lost contact with the other processes while checking the LoRA weights "
+            f"({first[:200]}): one of them stopped or was killed, so the whole job stops; the last complete "
+            "checkpoint is kept, resume with --resume when every process can run"
+        ) from None
+    bad, worst = comm.tolist()
+    return math.inf if bad else worst
 
 
 def lower_lr_advice(lr: float, last_good) -> str:
