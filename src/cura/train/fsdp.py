@@ -166,7 +166,9 @@ def summary_fields(model: nn.Module) -> dict:
 
 class TimedCollectives:
     """FSDP2's all-gather and reduce-scatter run to completion and timed into `world.comm_seconds` (on a CPU
-    FSDP has no side streams to overlap them with, so waiting here costs nothing)."""
+    FSDP has no side streams to overlap them with, so waiting here costs nothing). Not installed on a GPU,
+    where they overlap compute on FSDP's own streams: there `communication_seconds_per_step` counts only the
+    token-count / loss all-reduces (and nothing here was run on a GPU)."""
 
     def __init__(self, world) -> None:
         from torch.distributed.fsdp._fully_shard._fsdp_collectives import (
