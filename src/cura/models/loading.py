@@ -11,11 +11,17 @@ Lean loading (peak memory ~ the quantized model plus one full-precision weight):
 
 A prequantized bitsandbytes checkpoint ("bnb") takes the same path, building each Linear4bit from its
 stored 4-bit state instead of quantizing.
+
+With `on_layer` (`--fsdp`: `cura.train.fsdp.LayerSharder`) the decoder layers are loaded one after another,
+each whole (its linears, then its norms), and `on_layer(model, path, layer)` runs on it before the next one
+is read: there it is sharded, so its whole 4-bit tensors are freed before the next layer loads. The rest
+(embeddings, final norm, output layer) is loaded after the layers.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -167,8 +173,10 @@ def load_checkpoint(
     skip: tuple[str, ...] = DEFAULT_LORA_EXCLUDE,
     device: str = "cpu",
     trust_remote_code: bool = False,
+    on_layer: Callable[[nn.Module, str, nn.Module], None] | None = None,
 ):
-    """Build the model of a transformers folder on meta, then stream its tensors in (see module docstring)."""
+    """Build the model of a transformers folder on meta, then stream its tensors in (see module docstring;
+    `on_layer` is called on each decoder layer as soon as it is loaded)."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     config = load_auto_config(folder, trust_remote_code=trust_remote_code)
@@ -192,10 +200,19 @@ def load_checkpoint(
     tied = dict(getattr(model, "all_tied_weights_keys", {}) or {})
     with CheckpointReader(folder) as ckpt:
         check_weights_match_config(model, ckpt, folder)
-        replaced = load_linears(model, ckpt, tied, spec, skip, compute_dtype, device)
-        load_other_tensors(model, ckpt, tied, replaced, device)
+        replaced: set[str] = set()
+        done: list[str] = []
+        for path in decoder_layer_paths(model) if on_layer is not None else ():
+            replaced |= load_linears(model, ckpt, tied, spec, skip, compute_dtype, device, within=path)
+            load_other_tensors(model, ckpt, tied, replaced, device, within=path)
+            on_layer(model, path, model.get_submodule(path))
+            done.append(path)
+        replaced |= load_linears(model, ckpt, tied, spec, skip, compute_dtype, device, exclude=done)
+        load_other_tensors(model, ckpt, tied, replaced, device, exclude=done)
     retie(model, tied, replaced)
-    left = [k for k, t in model.state_dict(keep_vars=True).items() if t.is_meta]
+    # (named tensors rather than state_dict(): a layer sharded by `on_layer` holds DTensor shards)
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    left = [k for k, t in named if t.is_meta]
     if left:
         raise CuraError(
             f"checkpoint {folder} is missing {len(left)} tensors (first: {left[0]}): re-save the model"
@@ -241,11 +258,47 @@ def check_weights_match_config(model, ckpt, folder: Path) -> None:
             )
 
 
-def load_linears(model, ckpt, tied, spec, skip, compute_dtype, device) -> set[str]:
+def decoder_layer_paths(model) -> list[str]:
+    """The module paths of the decoder's repeated layers (`model.layers.0`, ...), in order."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None or not len(layers):
+        raise CuraError(
+            f"--fsdp found no decoder layers in {type(model).__name__} (no `.layers` on its decoder); train "
+            "it without --fsdp"
+        )
+    stack = next(path for path, module in model.named_modules() if module is layers)
+    return [f"{stack}.{i}" for i in range(len(layers))]
+
+
+def in_scope(name: str, within: str | None = None, exclude: Sequence[str] = ()) -> bool:
+    """`name` is `within` or under it (any name when None), and under none of `exclude`."""
+
+    def under(prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix + ".")
+
+    return (within is None or under(within)) and not any(under(p) for p in exclude)
+
+
+def load_linears(
+    model,
+    ckpt,
+    tied,
+    spec,
+    skip,
+    compute_dtype,
+    device,
+    within: str | None = None,
+    exclude: Sequence[str] = (),
+) -> set[str]:
     """Replace each linear that is stored in 4 bits, or is a quantization target, by a Linear4bit (or a
-    dequantized nn.Linear for a bnb layer with `spec=None`); returns the replaced module names."""
+    dequantized nn.Linear for a bnb layer with `spec=None`); returns the replaced module names. Only the
+    linears in scope (`in_scope(name, within, exclude)`) are read."""
     replaced = set()
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and in_scope(name, within, exclude)
+    ]
     for name in linears:
         layer = read_linear(ckpt, name, model.get_submodule(name), tied, spec, skip, compute_dtype, device)
         if layer is not None:
@@ -254,9 +307,14 @@ def load_linears(model, ckpt, tied, spec, skip, compute_dtype, device) -> set[st
     return replaced
 
 
-def load_other_tensors(model, ckpt, tied, replaced: set[str], device) -> None:
-    """Read every remaining parameter and persistent buffer into the skeleton, in the skeleton's dtype."""
+def load_other_tensors(
+    model, ckpt, tied, replaced: set[str], device, within: str | None = None, exclude: Sequence[str] = ()
+) -> None:
+    """Read every remaining parameter and persistent buffer (in scope: `in_scope`) into the skeleton, in
+    the skeleton's dtype."""
     for key, tensor in model_tensors(model, replaced):
+        if not in_scope(key, within, exclude):
+            continue
         if key in tied and (key not in ckpt or tied[key] in ckpt):
             continue  # re-tied after its source is loaded, as transformers does
         if key not in ckpt:

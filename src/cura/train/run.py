@@ -34,7 +34,7 @@ from cura.optim import PagedAdamW
 from cura.train.autofit import apply_cpu_malloc
 from cura.train.config import TrainConfig
 from cura.train.distributed import World, evaluate_loss_over_ranks, reseed_per_rank, shard_batches
-from cura.train.fsdp import check_fsdp, shard_model
+from cura.train.fsdp import LayerSharder, check_fsdp
 from cura.train.preference_config import WITH_REFERENCE
 from cura.train.steps import enable_activation_checkpointing, lr_lambda, optimizer_step
 
@@ -197,9 +197,10 @@ def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> tor
     )  # fmt: skip
 
 
-def build_model(config: TrainConfig, device: torch.device, compute_dtype: torch.dtype):
+def build_model(config: TrainConfig, device: torch.device, compute_dtype: torch.dtype, sharder=None):
     """(model, source kind, LoRA target paths): the frozen base (4-bit for qlora) with LoRA attached, on
-    `device`, in training mode, with activation checkpointing as configured."""
+    `device`, in training mode, with activation checkpointing as configured. With `sharder` (--fsdp:
+    `cura.train.fsdp.LayerSharder`) each decoder layer is adapted and sharded as soon as it is loaded."""
     kind, path = resolve_source(config.model)
     quant = QuantSpec(config.quant_type, config.blocksize, config.double_quant)
     model = load_checkpoint(
@@ -207,10 +208,14 @@ def build_model(config: TrainConfig, device: torch.device, compute_dtype: torch.
         quant if config.method == "qlora" else None,
         compute_dtype=compute_dtype,
         device=str(device),
+        on_layer=sharder,
     )
-    torch.manual_seed(config.seed)  # the adapters' initial weights
-    targets = attach_lora(model, config.lora)
-    model.to(device)
+    if sharder is not None:
+        targets = sharder.finish(model)  # everything is on `device` already
+    else:
+        torch.manual_seed(config.seed)  # the adapters' initial weights
+        targets = attach_lora(model, config.lora)
+        model.to(device)
     if config.gradient_checkpointing:
         enable_activation_checkpointing(model)
     model.config.use_cache = False
@@ -308,10 +313,12 @@ def build_run(
     check_fsdp(config, world)  # --fsdp needs several processes (cura.train.fsdp)
     compute_dtype = resolve_compute_dtype(config.compute_dtype, device)
     tokenizer, data = load_data(config, say) if with_data else (None, None)
-    model, kind, targets = build_model(config, device, compute_dtype)
-    world.broadcast_params([p for p in model.parameters() if p.requires_grad])
-    if config.fsdp:
-        world.fsdp = bool(shard_model(model, world))  # each rank keeps 1/N of the layers from here on
+    # --fsdp: each layer sharded as it loads, so a rank never holds the whole base (cura.train.fsdp)
+    sharder = LayerSharder(config, world, device) if config.fsdp else None
+    model, kind, targets = build_model(config, device, compute_dtype, sharder)
+    world.fsdp = sharder is not None
+    if sharder is None:
+        world.broadcast_params([p for p in model.parameters() if p.requires_grad])
     params = [p for p in model.parameters() if p.requires_grad]
     reseed_per_rank(world, config.seed)
     optimizer = make_optimizer(config, params)
