@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,9 @@ from cura.errors import CuraError
 from cura.train import train
 from cura.train.checkpoint import checkpoint_dir
 from test_distributed import (  # noqa: F401  (fixtures)
+    _children,
     _kill_tree,
+    _rank_of,
     adapter,
     cura,
     finish,
@@ -71,6 +74,71 @@ def runs(tiny_source, train_file, tmp_path_factory):  # noqa: F811
         yield result
     finally:
         for proc in launched:  # a failed check must not leave ranks running
+            if proc.poll() is None:
+                _kill_tree(proc.pid)
+                proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def stopped(tiny_source, train_file, tmp_path_factory):  # noqa: F811
+    """Two --fsdp jobs started at once (as tests/test_distributed.py does for data parallel):
+
+    interrupted   the `runs` sharded run's settings, SIGTERM to the launcher after 1 logged step, then --resume
+    killed        400 steps, a checkpoint every 2; rank 1 killed with SIGKILL after the first checkpoint
+    """
+    import os
+    import signal
+    import time
+
+    from cura.train.checkpoint import latest_checkpoint
+
+    root = tmp_path_factory.mktemp("fsdp-stopped")
+    out = {name: root / name for name in ("interrupted", "killed")}
+    interrupted_flags = [
+        *flags(
+            settings(
+                tiny_source, train_file, output=out["interrupted"], max_steps=STEPS, save_every=SAVE_EVERY
+            )
+        ),
+        "--nproc",
+        "2",
+        "--fsdp",
+    ]
+    killed_settings = settings(tiny_source, train_file, output=out["killed"], max_steps=400, save_every=2)
+    launched = []
+    try:
+        interrupted = cura(*interrupted_flags)
+        killed = cura(*flags(killed_settings), "--nproc", "2", "--fsdp")
+        launched += [interrupted, killed]
+        signalled = kill_at = None
+        deadline = time.time() + 240
+        while (signalled is None or kill_at is None) and time.time() < deadline:
+            log = out["interrupted"] / "metrics.jsonl"
+            if signalled is None and log.exists() and log.read_text().strip():
+                interrupted.send_signal(signal.SIGTERM)
+                signalled = time.time()
+            if kill_at is None and latest_checkpoint(out["killed"] / "checkpoints") is not None:
+                workers = [p for agent in _children(killed.pid) for p in _children(agent)]
+                rank1 = [p for p in workers if _rank_of(p) == 1]
+                assert rank1, f"no rank-1 worker among {workers}"
+                os.kill(rank1[0], signal.SIGKILL)
+                kill_at = time.time()
+            time.sleep(0.05)
+        assert signalled and kill_at, "the runs did not start within 240 s"
+        result = {"paths": out, "interrupted_err": finish(interrupted)}
+        try:
+            _, result["killed_err"] = killed.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            _kill_tree(killed.pid)
+            pytest.fail("the --fsdp job hung after a rank was killed")
+        result["killed_seconds"], result["killed_rc"] = time.time() - kill_at, killed.returncode
+        result["stopped_at"] = int(latest_checkpoint(out["interrupted"] / "checkpoints").name.split("-")[1])
+        resume = cura(*interrupted_flags, "--resume")
+        launched.append(resume)
+        result["resume_err"] = finish(resume)
+        yield result
+    finally:
+        for proc in launched:
             if proc.poll() is None:
                 _kill_tree(proc.pid)
                 proc.wait(timeout=30)
@@ -269,3 +337,149 @@ def test_sharded_weights_are_judged_on_every_ranks_shards(tmp_path):
         assert row["fine"] is None
         assert row["nan"] == "non-finite (inf or NaN) LoRA weights"
         assert row["huge"] == "LoRA weights as large as 1e+09"
+
+
+STREAM_SCRIPT = """
+import json, sys
+import torch
+from cura.adapters import LoraConfig, attach_lora
+from cura.models.loading import QuantSpec, load_checkpoint
+from cura.train import TrainConfig, fsdp
+from cura.train.distributed import init_world
+from cura.train.run import build_model
+
+folder = sys.argv[1]
+from pathlib import Path
+world = init_world()
+config = TrainConfig(model=folder, lora=LoraConfig(r=4), seed=5, fsdp=True, compute_dtype="float32")
+cpu, f32 = torch.device("cpu"), torch.float32
+
+# what --fsdp does: each layer adapted and sharded as it loads, its live 4-bit bytes measured by the sharder
+sharder = fsdp.LayerSharder(config, world, cpu)
+streamed, _, _ = build_model(config, cpu, f32, sharder)
+
+# the reference: the whole 4-bit base loaded, LoRA attached, rank 0's values broadcast, then sharded
+spec = QuantSpec(config.quant_type, config.blocksize, config.double_quant)
+ref = load_checkpoint(Path(folder), spec, compute_dtype=f32)
+meter = fsdp.LiveBytes()
+loaded = meter.track(ref)  # the end of the whole load: nothing 4-bit is freed while loading
+layers = fsdp.decoder_layers(ref)
+whole_layers = [fsdp.resident_4bit_bytes(layer) for layer in layers]
+torch.manual_seed(config.seed)
+attach_lora(ref, config.lora)
+world.broadcast_params([p for p in ref.parameters() if p.requires_grad])
+held = fsdp.quant_tensors(ref)  # alive through shard_model, as they are while fully_shard copies the shards
+fsdp.shard_model(ref, world)
+meter.track(ref)
+del held
+shards = [fsdp.resident_4bit_bytes(layer) for layer in layers]
+
+def state(model):
+    named = [*model.named_parameters(), *model.named_buffers()]
+    return {k: (fsdp.local_tensor(t), t.shape, t.requires_grad) for k, t in named}
+
+a, b = state(streamed), state(ref)
+differ = sorted(set(a) ^ set(b)) + [
+    k for k in a.keys() & b.keys()
+    if a[k][1:] != b[k][1:] or a[k][0].dtype != b[k][0].dtype or a[k][0].shape != b[k][0].shape
+    or not torch.equal(a[k][0], b[k][0])
+]
+# the streamed peak, computed from the layers' sizes: the shards before layer i, layer i whole, its shard
+expected = max(sum(shards[:i]) + whole_layers[i] + shards[i] for i in range(len(layers)))
+Path(sys.argv[2], f"rank{world.rank}.json").write_text(json.dumps({
+    "rank": world.rank, "differ": differ, "n": len(a), "sharded": sum(hasattr(t, "to_local") for t in streamed.parameters()),
+    "streamed_peak": sharder.meter.peak, "expected_peak": expected, "whole": sum(whole_layers),
+    "layer": max(whole_layers), "old_load_peak": loaded, "old_peak": meter.peak,
+    "resident": fsdp.resident_4bit_bytes(streamed), "report": streamed.get_decoder().cura_shard_report,
+}))
+world.close()
+"""
+
+
+@pytest.fixture(scope="module")
+def eight_layers(tmp_path_factory) -> str:
+    """A tiny Llama of 8 decoder layers (weights only: loading needs no tokenizer)."""
+    from transformers import AutoModelForCausalLM
+
+    from tiny import tiny_config
+
+    config = tiny_config("llama")
+    config.num_hidden_layers = 8
+    folder = tmp_path_factory.mktemp("eight-layers")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return str(folder)
+
+
+def test_fsdp_loading_shards_each_layer_as_it_loads(eight_layers, tmp_path):
+    """--fsdp loading on 2 real processes: every parameter and buffer (the LoRA initialisation included) is
+    bitwise the rank's shard of what sharding the whole loaded model gives, and the live 4-bit bytes of a
+    rank, measured on its storages while it loads, peak at its shards of the layers before + one whole layer
+    (+ that layer's shard while fully_shard copies it), about 1/N of the base + one layer: never the whole
+    base, which the whole load holds (and, while it shards, its shards too)."""
+    import subprocess
+    import sys
+
+    from test_distributed import env
+
+    script = tmp_path / "stream.py"
+    script.write_text(STREAM_SCRIPT, encoding="utf-8")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
+    cmd += [eight_layers, str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for row in rows:
+        assert row["differ"] == [] and row["sharded"] > 0, row
+        whole, layer, peak = row["whole"], row["layer"], row["streamed_peak"]
+        assert peak == row["expected_peak"], row  # measured on storages == computed from the layer sizes
+        assert peak <= whole / 2 + 1.5 * layer + 4096, row  # 1/N of the base + one layer (+ its shard)
+        assert peak < 0.7 * whole, row  # 8 layers: ~0.63 of the base
+        assert row["old_load_peak"] == whole and row["old_peak"] >= 1.45 * whole, row
+        assert row["report"]["load_peak_4bit_bytes_per_rank"][row["rank"]] == peak
+        assert row["report"]["model_4bit_bytes"] == whole
+    print(
+        json.dumps(
+            {r["rank"]: {k: r[k] for k in ("whole", "layer", "streamed_peak", "old_peak")} for r in rows}
+        )
+    )
+
+
+def test_fsdp_sigterm_then_resume_equals_the_run_never_stopped(runs, stopped):
+    """SIGTERM to an --fsdp launcher: both ranks stop after the same step, one checkpoint (rank 1's optimizer
+    shard included), exit 0; --resume then gives exactly the losses and adapter of the sharded run that was
+    never stopped (same settings, same ranks: equal, not close)."""
+    err = stopped["interrupted_err"]
+    assert "SIGTERM" in err and "--resume" in err, err[-2000:]
+    assert 1 <= stopped["stopped_at"] < STEPS, f"stopped at {stopped['stopped_at']}: the signal came too late"
+    resumed, never = stopped["paths"]["interrupted"], runs["paths"]["sharded"]
+    assert (
+        f"resuming from {checkpoint_dir(resumed / 'checkpoints', stopped['stopped_at'])}"
+        in stopped["resume_err"]
+    )
+    assert losses(resumed) == losses(never)
+    reference = adapter(never)
+    for key, value in adapter(resumed).items():
+        torch.testing.assert_close(value, reference[key], rtol=0, atol=0)
+
+
+def test_fsdp_killed_rank_stops_the_job_and_keeps_the_last_checkpoint(stopped):
+    """kill -9 of rank 1 of an --fsdp job: rank 0 stops within a bounded time with one sentence (not a hang),
+    the launcher exits non-zero, and the last checkpoint is complete: state, adapter, both optimizer shards."""
+    from safetensors.torch import load_file
+
+    from cura.train.checkpoint import latest_checkpoint
+
+    err = stopped["killed_err"]
+    lines = [line for line in err.splitlines() if "lost contact" in line]
+    print(f"stopped {stopped['killed_seconds']:.1f} s after the kill, rc {stopped['killed_rc']}: {lines[:1]}")
+    assert stopped["killed_rc"] != 0 and stopped["killed_seconds"] < 120, err[-3000:]
+    assert "lost contact with the other processes" in err, err[-3000:]
+    ckpt = latest_checkpoint(stopped["paths"]["killed"] / "checkpoints")
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == int(ckpt.name.split("-")[1])
+    load_file(str(ckpt / "adapter_model.safetensors"))
+    assert load_file(str(ckpt / "optimizer.safetensors")) and load_file(
+        str(ckpt / "optimizer.rank1.safetensors")
+    )
+    assert set(load_file(str(ckpt / "rng.safetensors"))) == {"torch", "rank1.torch"}
