@@ -106,8 +106,12 @@ def run(model: Path, out: Path, steps: int, nproc: int, fsdp: bool = False) -> d
         "median_seconds_per_step": statistics.median(r["seconds"] for r in rows[1:]),
         "communication_seconds_per_step": summary.get("communication_seconds_per_step"),
         "losses": [r["loss"] for r in rows],
-        **{k: summary[k] for k in ("model_4bit_bytes", "resident_4bit_bytes_per_rank") if k in summary},
+        **{k: summary[k] for k in FSDP_FIELDS if k in summary},
     }
+
+
+# what an --fsdp run's summary.json says each rank held (after sharding, and at the peak of loading)
+FSDP_FIELDS = ("model_4bit_bytes", "resident_4bit_bytes_per_rank", "load_peak_4bit_bytes_per_rank")
 
 
 def main() -> None:
@@ -136,6 +140,9 @@ def main() -> None:
         "peak_memory_ratio_fsdp_over_one": sharded["peak_memory_bytes_rank0"]
         / one["peak_memory_bytes_rank0"],
         "resident_4bit_ratio_fsdp_rank_over_whole": max(sharded["resident_4bit_bytes_per_rank"])
+        / sharded["model_4bit_bytes"],
+        # each layer is sharded as it loads: its shards of the layers before + one whole layer (+ its shard)
+        "load_peak_4bit_ratio_fsdp_rank_over_whole": max(sharded["load_peak_4bit_bytes_per_rank"])
         / sharded["model_4bit_bytes"],
         "step_time_ratio_two_over_one": two["median_seconds_per_step"] / one["median_seconds_per_step"],
         "step_time_ratio_fsdp_over_one": sharded["median_seconds_per_step"] / one["median_seconds_per_step"],
