@@ -537,7 +537,8 @@ def test_dpo_demo_raises_held_out_preference_accuracy_on_the_bundled_model(smoll
 
 def test_dpo_demo_pairs_are_generated_and_held_out_names_are_unseen(tmp_path):
     """The shipped pairs are what `python -m cura.demo.make_pairs` writes (byte for byte); no held-out name or
-    city occurs in training; every chosen answer is in the house style and no rejected one is."""
+    city occurs in training; every chosen answer is in the house style, every rejected one is prose or the
+    house style with another (wrong) fact, about half each."""
     from cura.demo import dpo, make_pairs
 
     make_pairs.write(tmp_path)
@@ -549,7 +550,9 @@ def test_dpo_demo_pairs_are_generated_and_held_out_names_are_unseen(tmp_path):
     for name in make_pairs.EVAL_NAMES + make_pairs.EVAL_CITIES:
         assert name not in train_text
     for row in train_rows + eval_rows:
-        assert dpo.house_style(row["chosen"]) and not dpo.house_style(row["rejected"])
+        assert dpo.house_style(row["chosen"]) and row["rejected"] != row["chosen"]
+    wrong_fact = sum(dpo.house_style(r["rejected"]) for r in train_rows) / len(train_rows)
+    assert 0.4 < wrong_fact < 0.6
 
 
 def test_demo_dpo_flag_builds_the_dpo_demo_and_the_user_wins(tmp_path):

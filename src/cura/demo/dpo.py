@@ -46,10 +46,11 @@ def dpo_demo_settings(user: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def read_prompts(path: Path) -> list[list[dict[str, str]]]:
-    """The held-out prompts as chat messages (one user turn each)."""
+def read_prompts(path: Path) -> list[tuple[list[dict[str, str]], str]]:
+    """(the held-out prompt as chat messages, its chosen answer) per row."""
     with open(path, encoding="utf-8") as f:
-        return [[{"role": "user", "content": json.loads(line)["prompt"]}] for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [([{"role": "user", "content": r["prompt"]}], r["chosen"]) for r in rows]
 
 
 def house_style(answer: str) -> bool:
@@ -65,7 +66,8 @@ def run_dpo_demo(config) -> int:
     from cura.generate import generate
     from cura.train import TrainHooks, train
 
-    prompts = read_prompts(Path(config.data.eval_path or EVAL_FILE))[:GENERATED]
+    examples = read_prompts(Path(config.data.eval_path or EVAL_FILE))[:GENERATED]
+    prompts = [messages for messages, _ in examples]
     before: list[str] = []
 
     def answers(model, tokenizer, what: str) -> list[str]:
@@ -84,7 +86,7 @@ def run_dpo_demo(config) -> int:
     if not result.get("completed"):
         return 0  # interrupted: train() said how to resume
     after = answers(result.model, result.tokenizer, "tuned model's")
-    report = dpo_demo_report(prompts, before, after, result)
+    report = dpo_demo_report(examples, before, after, result)
     print(report)
     write_text(Path(config.output_dir) / "demo.md", report + "\n")
     acc_before = result.get("eval_preference_accuracy_before") or 0.0
@@ -92,14 +94,15 @@ def run_dpo_demo(config) -> int:
     return 0 if acc_after >= acc_before else 1
 
 
-def dpo_demo_report(prompts, before: list[str], after: list[str], summary: dict[str, Any]) -> str:
+def dpo_demo_report(examples, before: list[str], after: list[str], summary: dict[str, Any]) -> str:
     """The side-by-side answers and the before/after table."""
-    n = len(prompts)
+    n = len(examples)
+    chosen = [answer for _, answer in examples]
     lines = ["", "Held-out prompts (names and cities never seen in training):", ""]
-    for messages, b, a in list(zip(prompts, before, after))[:SHOWN]:
+    for (messages, answer), b, a in list(zip(examples, before, after))[:SHOWN]:
         lines.append(f"  prompt  {_clip(messages[-1]['content'], 100)}")
         lines.append(f"  base    {_clip(b, 100)}")
-        lines.append(f"  DPO     {_clip(a, 100)}")
+        lines.append(f"  DPO     {_clip(a, 100)}{'  ✓' if a.strip() == answer else '  ✗'}")
         lines.append("")
 
     def num(key: str, spec: str) -> str:
@@ -107,6 +110,10 @@ def dpo_demo_report(prompts, before: list[str], after: list[str], summary: dict[
         return "n/a" if value is None else format(value, spec)
 
     style = (sum(map(house_style, before)) / max(n, 1), sum(map(house_style, after)) / max(n, 1))
+    exact = (
+        sum(b.strip() == c for b, c in zip(before, chosen)) / max(n, 1),
+        sum(a.strip() == c for a, c in zip(after, chosen)) / max(n, 1),
+    )
     words = (
         sum(len(x.split()) for x in before) / max(n, 1),
         sum(len(x.split()) for x in after) / max(n, 1),
@@ -118,6 +125,7 @@ def dpo_demo_report(prompts, before: list[str], after: list[str], summary: dict[
         f"{'mean log-prob margin chosen - rej.':36}{num('eval_logp_margin_before', '.2f'):>10}"
         f"{num('eval_logp_margin_after', '.2f'):>10}",
         f"{'answers in the house style':36}{style[0]:>10.0%}{style[1]:>10.0%}",
+        f"{'  ... and exactly the right answer':36}{exact[0]:>10.0%}{exact[1]:>10.0%}",
         f"{'mean words per answer':36}{words[0]:>10.1f}{words[1]:>10.1f}",
         "",
         f"adapter saved in {summary.get('adapter_dir')}; try it: cura generate --adapter {summary.get('adapter_dir')} "

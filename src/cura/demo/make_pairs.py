@@ -1,11 +1,13 @@
 """Generate the DPO demo's preference pairs: a house style of terse `Answer: ...` replies over chatty ones.
 
 Each prompt is a short note about a made-up person followed by one question about it; the chosen answer is
-the fact alone in the house format (`Answer: Lisbon.`), the rejected one is the same fact in the prose a
-chat model reaches for ("Sara lives in Lisbon.", "Based on the note, ..."). Both are right, so the pairs
-teach a style, not facts, and the style is the same in every pair: a preference a 135M model can learn in
-a few dozen DPO steps. The base model prefers the prose (it is what it was tuned to write), which is what
-makes the change measurable: its held-out preference accuracy starts low. Names and cities of the held-out
+the fact alone in the house format (`Answer: Lisbon.`); the rejected one is, in half the pairs, the same
+fact in the prose a chat model reaches for ("Sara lives in Lisbon.", "Based on the note, ..."), and in the
+other half the house format with a wrong fact (`Answer: Oslo.`), so that the format alone does not win (with
+prose-only rejections a 20-step DPO run learned the format and lost the facts: "Answer: a cat." for a
+hamster). The preference is the same in every pair, one a 135M model can learn in a few dozen DPO steps,
+and the base model prefers the prose (it is what it was tuned to write), so its held-out preference
+accuracy starts low. Names and cities of the held-out
 split never occur in training. Everything here is written by the cura authors; `python -m
 cura.demo.make_pairs` rewrites the shipped files byte for byte.
 """
@@ -77,13 +79,21 @@ def make_pair(rng: random.Random, names: list[str], cities: list[str]) -> dict:
         "pet": rng.choice(PETS),
         "age": rng.randint(19, 78),
     }
-    question, fact, prose = QUESTIONS[rng.choice(sorted(QUESTIONS))]
+    kind = rng.choice(sorted(QUESTIONS))
+    question, fact, prose = QUESTIONS[kind]
     prompt = rng.choice(NOTES).format(**facts) + "\n" + question.format(**facts)
-    return {
-        "prompt": prompt,
-        "chosen": "Answer: " + fact.format(**facts) + ".",
-        "rejected": rng.choice(prose).format(**facts),
-    }
+    if rng.random() < 0.5:
+        rejected = rng.choice(prose).format(**facts)
+    else:  # the house format with a wrong fact: the style alone must not win
+        wrong = dict(facts, **{kind: _other(rng, kind, facts[kind], cities)})
+        rejected = "Answer: " + fact.format(**wrong) + "."
+    return {"prompt": prompt, "chosen": "Answer: " + fact.format(**facts) + ".", "rejected": rejected}
+
+
+def _other(rng: random.Random, kind: str, value, cities: list[str]):
+    """Another value of the same kind as `value` (a wrong answer that looks right)."""
+    pool = {"city": cities, "job": JOBS, "pet": PETS, "age": list(range(19, 79))}[kind]
+    return rng.choice([v for v in pool if v != value])
 
 
 def make_split(seed: int, n: int, names: list[str], cities: list[str]) -> list[dict]:
