@@ -2,6 +2,8 @@
 
     flock /tmp/cura-bench.lock python bench/memory.py [--only NAME,...] [--device cpu|cuda]
 
+(`--only` re-measures those configurations and keeps the other rows of the results file.)
+
 For each configuration (tiny random models of different shapes written as safetensors folders, and the
 bundled SmolLM2-135M; checkpointing on and off; several batch and sequence sizes; float32 and bfloat16
 compute; LoRA and QLoRA; 32-bit and 8-bit optimizer state), a fresh process builds the model as `cura train`
@@ -20,6 +22,7 @@ promises; `cura.memory.allocator`) and write bench/results/memory.json; `--mallo
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -75,6 +78,10 @@ CONFIGS = [
     run("smollm2 bf16 no-ckpt", BUNDLED, 4, 256, gradient_checkpointing=False),
     run("smollm2 bf16 ckpt 2x1024", BUNDLED, 2, 1024),
     run("smollm2 f32 ckpt", BUNDLED, 4, 256, compute_dtype="float32"),
+    run("smollm2 bf16 dpo", BUNDLED, 4, 256, objective="dpo"),
+    run("smollm2 bf16 dpo precomputed", BUNDLED, 4, 256, objective="dpo", preference={"precompute_reference": True}),
+    run("smollm2 bf16 orpo", BUNDLED, 4, 256, objective="orpo"),
+    run("smollm2 bf16 kto", BUNDLED, 4, 256, objective="kto"),
 ]  # fmt: skip
 
 
@@ -144,6 +151,11 @@ def main() -> None:
             f"{row['measured_peak_bytes'] / MiB:8.1f} MiB  error {row['error']:+6.1%}  ({row['peak_phase']})",
             flush=True,
         )
+    out = RESULTS if args.malloc == "tight" else RESULTS.with_name("memory-fast.json")
+    if only and out.is_file():  # --only: replace those rows of the last full run, keep the others
+        fresh = {r["name"] for r in rows}
+        kept = [r for r in json.loads(out.read_text())["results"] if r["name"] not in fresh]
+        rows = kept + rows
     worst = max(rows, key=lambda r: abs(r["error"]))
     ratios = [r["measured_peak_bytes"] / r["predicted_peak_bytes"] for r in rows]
     result = {
@@ -160,7 +172,6 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d"),
         },
     }
-    out = RESULTS if args.malloc == "tight" else RESULTS.with_name("memory-fast.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
     print(f"worst case: {worst['name']} {worst['error']:+.1%}; wrote {out}")

@@ -29,6 +29,7 @@ answer format, and its answers before and after are shown.
 
 examples:
   cura train                                          # the demo (a few minutes on 2 CPU cores)
+  cura train --demo dpo                               # the preference demo: DPO towards a house style
   cura train --data my.jsonl --output runs/mine       # your data on the bundled model
   cura train --model path/to/model --data chats.jsonl --lora.r 32 --lr 1e-4 --max-steps 500
   cura train run.yaml --batch-size 2                  # a YAML file of the keys below; flags win
@@ -86,6 +87,13 @@ def register(sub) -> None:
     )
     add_launch_flags(p)
     add_config_flags(p, TrainConfig, taken=set(ALIASES))
+    p.add_argument(
+        "--demo",
+        choices=("sft", "dpo"),
+        default=None,
+        help="run a demo on the bundled model: sft (the default with no --data) learns a JSON format, dpo "
+        "learns a house style from preference pairs (cura.demo.dpo)",
+    )
     p.add_argument(  # the demo only: how many held-out prompts it scores (CI runs a short demo)
         "--demo-prompts", type=int, default=None, help=argparse.SUPPRESS
     )
@@ -121,7 +129,8 @@ def add_config_flags(p: argparse.ArgumentParser, cls, taken: set[str]) -> None:
 
 
 def build_config(args):
-    """Merge YAML, flags and overrides into one validated TrainConfig; returns (config, is_demo)."""
+    """Merge YAML, flags and overrides into one validated TrainConfig; returns (config, is_demo): False,
+    True (the SFT demo) or "dpo" (`--demo dpo`)."""
     from cura.errors import CuraError
     from cura.train.config import TrainConfig
 
@@ -134,7 +143,12 @@ def build_config(args):
             k, v = item.split("=", 1)
             mapping[k.strip()] = v.strip()
         set_path(data, "data.fields", mapping)
-    is_demo = not (data.get("data") or {}).get("path")
+    demo = getattr(args, "demo", None)
+    if demo == "dpo":
+        from cura.demo.dpo import dpo_demo_settings
+
+        return from_dict(TrainConfig, dpo_demo_settings(data)), "dpo"
+    is_demo = demo == "sft" or not (data.get("data") or {}).get("path")
     if is_demo and data.get("objective", "sft") != "sft":
         raise CuraError(
             f"--objective {data['objective']} needs --data: a file of preference pairs (or, for kto, labelled "
@@ -168,6 +182,10 @@ def run(args) -> int:
             node_rank=args.node_rank,
             rdzv_endpoint=args.rdzv_endpoint,
         )
+    if is_demo == "dpo":
+        from cura.demo.dpo import run_dpo_demo
+
+        return run_dpo_demo(config)
     if is_demo:
         from cura.demo import run_demo
 

@@ -11,7 +11,8 @@ Each measurement runs in a fresh Python process (`measure_in_subprocess`), so th
 
 CPU: peak = VmHWM (peak resident set) - baseline RSS. CUDA: `torch.cuda.max_memory_allocated()`, which does
 not include the CUDA context. The batches are the loop's own (`cura.data.packing`): packed rows of two
-samples each with their (B, 1, T, T) mask, or full-length unpadded rows, every position trained.
+samples each with their (B, 1, T, T) mask, or full-length unpadded rows, every position trained; for a
+preference objective `cura.data.preference`'s padded pair (or KTO) batches, every answer position scored.
 """
 
 from __future__ import annotations
@@ -89,6 +90,40 @@ def synthetic_batch(vocab: int, batch_size: int, seq_len: int, packing: bool, se
     return padded_batch(samples, list(range(batch_size)), seq_len, 0)
 
 
+def synthetic_preference_batch(
+    vocab: int, batch_size: int, seq_len: int, objective: str, seed: int, precomputed: bool = False
+) -> dict:
+    """A preference batch as `cura.data.preference.preference_batch` makes it, full length, every answer
+    position scored (the planner's worst case: a one-token prompt): B pairs as 2B rows for dpo / orpo, or B
+    KTO rows and their B mismatched `kl_*` rows; `precomputed`: with reference log-probabilities."""
+    import torch
+
+    from cura.data.preference import preference_batch
+
+    g = torch.Generator().manual_seed(seed)
+
+    def answer() -> list[int]:
+        return torch.randint(3, vocab, (seq_len - 1,), generator=g).tolist()
+
+    samples = []
+    for i in range(batch_size):
+        s: dict = {"prompt_ids": [1]}
+        if objective == "kto":
+            ids = answer()
+            s.update(completion_ids=ids, completion_labels=ids, label=i % 2 == 0, kl_partner=i - 1)
+            if precomputed:
+                s.update(ref_logp=-1.0, ref_kl_logp=-1.0)
+        else:
+            chosen, rejected = answer(), answer()
+            s.update(chosen_ids=chosen, chosen_labels=chosen, rejected_ids=rejected, rejected_labels=rejected)
+            if precomputed:
+                s.update(ref_chosen_logp=-1.0, ref_rejected_logp=-1.0)
+        samples.append(s)
+    if objective == "kto":
+        samples[0]["kl_partner"] = batch_size - 1
+    return preference_batch(samples, list(range(batch_size)), seq_len, 0)
+
+
 def _import_model_class(folder) -> None:
     """Import the transformers modeling module of the folder's architecture before the baseline."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -122,7 +157,19 @@ def measure_steps(source: str, config, *, steps: int = 3, device: str = "cpu") -
         reset = reset_peak_rss()
     start = time.perf_counter()
     for step in range(steps):
-        batch = synthetic_batch(vocab, config.batch_size, config.data.max_length, config.data.packing, step)
+        if config.objective == "sft":
+            batch = synthetic_batch(
+                vocab, config.batch_size, config.data.max_length, config.data.packing, step
+            )
+        else:
+            batch = synthetic_preference_batch(
+                vocab,
+                config.batch_size,
+                config.data.max_length,
+                config.objective,
+                step,
+                precomputed=config.preference.precompute_reference,
+            )
         run.step([batch])
         del batch
     seconds = (time.perf_counter() - start) / steps

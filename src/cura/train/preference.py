@@ -175,6 +175,15 @@ class RewardTally:
         self.logp_margin += float(gap.sum())
         self.logp_correct += float((gap > 0).sum())
 
+    def all_reduce(self, world) -> None:
+        """Every rank's sums and counts summed (`world.sum`, float64), so the metrics are the global batch's."""
+        keys = [("sums", k) for k in self.sums] + [("counts", k) for k in self.counts]
+        values = [getattr(self, part)[k] for part, k in keys] + [self.logp_margin, self.logp_correct]
+        reduced = world.sum(values)
+        for (part, k), v in zip(keys, reduced):
+            getattr(self, part)[k] = v if part == "sums" else int(v)
+        self.logp_margin, self.logp_correct = reduced[-2], reduced[-1]
+
     def metrics(self) -> dict[str, float]:
         def mean(key, count):
             return self.sums[key] / self.counts[count] if self.counts[count] else None
@@ -209,10 +218,20 @@ def preference_step(
     chunk_tokens: int,
     max_grad_norm: float,
     device,
+    world=None,
 ) -> dict:
-    """`cura.train.steps.optimizer_step` for a preference objective (same keys, plus `metrics`)."""
+    """`cura.train.steps.optimizer_step` for a preference objective (same keys, plus `metrics`).
+
+    Under torchrun (`world`, DPO and ORPO) the step's pair count (and ORPO's chosen-token count) is summed
+    over the ranks before the forward, each rank back-propagates its pairs' losses / that global count, and
+    the gradients, losses and reward sums are summed over the ranks: the loss is the mean over the pairs of
+    the global batch, as on one process reading it. A rank's empty share of an epoch's short last batch
+    (every label ignored, `cura.train.distributed.ShardedBatches`) is skipped: it adds nothing."""
+    micro_batches = [b for b in micro_batches if world is None or _has_scored_tokens(b)]
     total = sum(n_examples(b) for b in micro_batches)
     total_chosen_tokens = sum(chosen_tokens(b) for b in micro_batches) if objective == "orpo" else 0
+    if world is not None:
+        total, total_chosen_tokens = (int(x) for x in world.sum([total, total_chosen_tokens]))
     loss_total, tally = 0.0, RewardTally()
     for batch in micro_batches:
         out = micro_losses(objective, cfg, model, to_device(batch, device), chunk_tokens)
@@ -222,6 +241,13 @@ def preference_step(
         loss.backward()
         loss_total += float(loss.detach())
         tally.add(out)
+    trained = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+    inputs = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+    if world is not None:
+        loss_total, trained, inputs = world.sum([loss_total, trained, inputs])
+        trained, inputs = int(trained), int(inputs)
+        tally.all_reduce(world)
+        world.all_reduce_grads(params)
     grad_norm, finite, lr = clip_and_step(optimizer, scheduler, params, max_grad_norm, loss_total)
     return {
         "loss": loss_total if finite else None,
@@ -229,10 +255,14 @@ def preference_step(
         "grad_norm": grad_norm,
         "lr": lr,
         "finite": finite,
-        "trained_tokens": sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches),
-        "input_tokens": sum(int(b["attention_mask"].sum()) for b in micro_batches),
+        "trained_tokens": trained,
+        "input_tokens": inputs,
         "metrics": tally.metrics(),
     }
+
+
+def _has_scored_tokens(batch: dict[str, torch.Tensor]) -> bool:
+    return bool((batch["labels"][:, 1:] != IGNORE_INDEX).any())
 
 
 @torch.no_grad()

@@ -123,6 +123,7 @@ class Run:
                 chunk_tokens=self.config.loss_chunk_tokens,
                 max_grad_norm=self.config.max_grad_norm,
                 device=self.device,
+                world=self.world if self.world.distributed else None,
             )
         return optimizer_step(
             self.model,
@@ -139,7 +140,8 @@ class Run:
     def evaluate(self) -> tuple[float | None, dict[str, float]]:
         """(held-out loss, preference metrics: empty for SFT) on the run's eval batches. Under torchrun each
         rank scores every world.size-th batch and the sums are all-reduced
-        (`cura.train.distributed.evaluate_loss_over_ranks`); preference runs are one process."""
+        (`cura.train.distributed.evaluate_loss_over_ranks`); for a preference objective every rank scores every
+        held-out pair (the same numbers on each rank)."""
         if self.config.objective == "sft":
             loss = evaluate_loss_over_ranks(
                 self.world, self.model, self.eval_batches, self.device, self.config.loss_chunk_tokens
@@ -305,10 +307,10 @@ def build_run(
     (`world`) every rank starts from rank 0's adapters and reads its rows of each global micro-batch of
     batch_size * world.size sequences (`cura.train.distributed`)."""
     world = world or World()
-    if world.distributed and config.objective != "sft":
+    if world.distributed and config.objective == "kto":
         raise CuraError(
-            f"objective '{config.objective}' runs on one process for now (its gradients are not all-reduced "
-            "across ranks): train it without --nproc / torchrun"
+            "objective 'kto' runs on one process for now (its KL reference point is a mean over the batch, "
+            "which is not yet summed across ranks): train it without --nproc / torchrun, or use dpo / orpo"
         )
     check_fsdp(config, world)  # --fsdp needs several processes (cura.train.fsdp)
     compute_dtype = resolve_compute_dtype(config.compute_dtype, device)
