@@ -27,9 +27,9 @@ def saves_input(name: str, targets: tuple[str, ...], spec: PlanSpec) -> bool:
 
 
 def dropout_mask_bytes(spec: PlanSpec) -> int:
-    """Bytes per element of a dropout mask: a bool on CUDA (`native_dropout`), a float noise tensor in the
-    input's dtype on CPU (`at::dropout`'s `input * noise` path)."""
-    return 1 if spec.device == "cuda" else spec.e
+    """Bytes per element of a dropout mask kept for backward: a bool on CUDA (`native_dropout`), none on
+    CPU, where `cura.nn.dropout` regenerates the mask from its seed in backward."""
+    return 1 if spec.device == "cuda" else 0
 
 
 # The linears of a layer grouped by their shared input, in execution order: q/k/v read the first norm's

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cura.nn.dropout import LoRADropout
+
 
 def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
     """alpha / r, or alpha / sqrt(r) with rank-stabilised LoRA."""
@@ -50,7 +52,7 @@ class LoRALinear(nn.Module):
         self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
         self.scaling = lora_scale(r, alpha, use_rslora)
         self.enabled = True  # False: the layer is its base (the reference model of DPO/KTO, no copy held)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout = LoRADropout(dropout) if dropout > 0 else nn.Identity()
         device = _device_of(base_layer)
         self.lora_A = nn.Linear(self.in_features, r, bias=False, dtype=torch.float32, device=device)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, dtype=torch.float32, device=device)

@@ -1,0 +1,119 @@
+"""cura.nn.dropout: the hashed-mask LoRA dropout against its PyTorch reference, torch's dropout statistics,
+autograd, checkpoint recomputation and the LoRA layer that uses it."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from cura.nn.dropout import LoRADropout, hash_dropout, reference_dropout, reference_keep
+from cura.nn.lora import LoRALinear
+from cura.quant import kernels
+
+BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit, except that any NaN equals any NaN (torch's own casts differ in NaN payloads)."""
+    nan = torch.isnan(a)
+    return torch.equal(nan, torch.isnan(b)) and torch.equal(
+        a.view(BITS[a.dtype])[~nan], b.view(BITS[b.dtype])[~nan]
+    )
+
+
+@pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the reference is what runs")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kernel_matches_the_reference_bit_for_bit(dtype):
+    x = torch.randn(301, 257, generator=torch.Generator().manual_seed(1)).to(dtype)  # odd size: a short chunk
+    x[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0])
+    for seed in (0, 987654321987, 2**64 - 1):
+        for p in (0.05, 0.5):
+            assert same_bits(hash_dropout(x, seed, p), reference_dropout(x, seed, p)), (dtype, seed, p)
+
+
+def test_mask_statistics_are_those_of_bernoulli_dropout():
+    n, p = 1 << 20, 0.1
+    keep = reference_keep(n, 12345, p).float()
+    sd = math.sqrt(p * (1 - p) / n)
+    assert abs((1 - keep.mean()) - p) < 5 * sd  # drop rate p
+    # neighbours and far elements are uncorrelated (the hash mixes the index)
+    for lag in (1, 2, 64, 4096):
+        a, b = keep[:-lag] - keep.mean(), keep[lag:] - keep.mean()
+        corr = (a * b).mean() / keep.var()
+        assert abs(corr) < 5 / math.sqrt(n), lag
+    # different seeds give (nearly) independent masks
+    other = reference_keep(n, 12346, p).float()
+    assert abs(((keep - keep.mean()) * (other - other.mean())).mean() / keep.var()) < 5 / math.sqrt(n)
+
+
+def test_kept_values_are_scaled_and_dropped_ones_are_zero():
+    x = torch.randn(64, 100)
+    y = reference_dropout(x, 7, 0.25)
+    keep = reference_keep(x.numel(), 7, 0.25).view(x.shape)
+    assert torch.equal(y[~keep], torch.zeros_like(y[~keep]))
+    assert torch.equal(y[keep], x[keep] * torch.tensor(1 / 0.75, dtype=torch.float32))
+
+
+def test_backward_multiplies_the_gradient_by_the_same_mask():
+    layer = LoRADropout(0.3)
+    x = torch.randn(33, 65, requires_grad=True)
+    torch.manual_seed(5)
+    y = layer(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    scale = torch.tensor(1 / 0.7, dtype=torch.float32)
+    factor = (y != 0).float() * scale  # x has no zeros, so y == 0 exactly where dropped
+    assert torch.equal(x.grad, g * factor)
+
+
+def test_eval_and_p0_are_the_identity_and_training_draws_fresh_masks():
+    layer = LoRADropout(0.5)
+    x = torch.randn(8, 16)
+    assert layer.eval()(x) is x
+    assert LoRADropout(0.0).train()(x) is x
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))
+
+
+def test_the_seed_comes_from_torch_so_manual_seed_and_checkpointing_replay_it():
+    layer = LoRADropout(0.2).train()
+    x = torch.randn(16, 32)
+    torch.manual_seed(3)
+    a = layer(x)
+    torch.manual_seed(3)
+    assert torch.equal(layer(x), a)
+
+    # under non-reentrant checkpointing the recomputation must see the forward's mask
+    w = torch.randn(32, 8, requires_grad=True)
+    xin = torch.randn(16, 32, requires_grad=True)
+
+    def f(t):
+        return layer(t) @ w
+
+    torch.manual_seed(9)
+    ref = f(xin)
+    ref.sum().backward()
+    g_ref = xin.grad.clone(), w.grad.clone()
+    xin.grad, w.grad = None, None
+    torch.manual_seed(9)
+    out = checkpoint(f, xin, use_reentrant=False)
+    out.sum().backward()
+    assert torch.equal(out, ref) and torch.equal(xin.grad, g_ref[0]) and torch.equal(w.grad, g_ref[1])
+
+
+def test_lora_layer_uses_it_and_matches_the_formula():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(32, 24), r=4, alpha=8.0, dropout=0.5)
+    assert isinstance(layer.lora_dropout, LoRADropout) and isinstance(layer.lora_dropout, nn.Dropout)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(5, 32)
+    torch.manual_seed(11)
+    seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)) & ((1 << 64) - 1)
+    expected = layer.base_layer(x) + layer.scaling * (
+        reference_dropout(x, seed, 0.5) @ layer.lora_A.weight.t() @ layer.lora_B.weight.t()
+    )
+    torch.manual_seed(11)
+    torch.testing.assert_close(layer.train()(x), expected, rtol=1e-6, atol=1e-6)
