@@ -117,3 +117,68 @@ def test_lora_layer_uses_it_and_matches_the_formula():
     )
     torch.manual_seed(11)
     torch.testing.assert_close(layer.train()(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def _attention_like(dropout: float):
+    """Three LoRA layers over one input, grouped as attach_lora groups q/k/v."""
+    from cura.adapters.attach import group_shared_inputs
+
+    torch.manual_seed(0)
+    block = nn.Module()
+    for name, out in (("q_proj", 16), ("k_proj", 8), ("v_proj", 8)):
+        layer = LoRALinear(nn.Linear(16, out), r=2, alpha=4.0, dropout=dropout)
+        with torch.no_grad():
+            layer.lora_B.weight.normal_()
+        setattr(block, name, layer)
+    groups = group_shared_inputs(block, ["q_proj", "k_proj", "v_proj"])
+    return block, groups
+
+
+def test_shared_input_group_is_one_mask_and_one_matmul_with_the_same_result_and_gradients():
+    block, groups = _attention_like(0.3)
+    assert groups == 1
+    layers = [block.q_proj, block.k_proj, block.v_proj]
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    torch.manual_seed(21)
+    outs = [layer(x) for layer in layers]
+    sum(o.square().sum() for o in outs).backward()
+    got = [x.grad.clone()] + [
+        p.grad.clone() for layer in layers for p in (layer.lora_A.weight, layer.lora_B.weight)
+    ]
+
+    # by hand: one seed drawn, the same mask for all three, each layer's own A and B
+    torch.manual_seed(21)
+    seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)) & ((1 << 64) - 1)
+    x.grad = None
+    for layer in layers:
+        for p in (layer.lora_A.weight, layer.lora_B.weight):
+            p.grad = None
+    dropped = reference_dropout(x, seed, 0.3)
+    refs = [
+        layer.base_layer(x) + layer.scaling * (dropped @ layer.lora_A.weight.t() @ layer.lora_B.weight.t())
+        for layer in layers
+    ]
+    sum(o.square().sum() for o in refs).backward()
+    want = [x.grad] + [p.grad for layer in layers for p in (layer.lora_A.weight, layer.lora_B.weight)]
+    for a, b in zip(outs, refs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got, want):  # x.grad: the three paths summed inside one matmul, in another order
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_sibling_on_another_input_computes_alone():
+    block, _ = _attention_like(0.3)
+    x, other = torch.randn(4, 16), torch.randn(4, 16)
+    torch.manual_seed(1)
+    block.q_proj(x)  # leaves k's and v's slices for x
+    y = block.k_proj(other)  # another tensor: its own mask and matmul, not q's slice
+    block.k_proj.shared_input = None
+    torch.manual_seed(2)
+    alone = block.k_proj(other)
+    assert not torch.equal(y, block.k_proj.base_layer(other))  # dropout and B are applied
+    assert y.shape == alone.shape
+
+
+def test_no_groups_without_dropout_so_each_layer_computes_as_peft_does():
+    block, groups = _attention_like(0.0)
+    assert groups == 0 and block.q_proj.shared_input is None
