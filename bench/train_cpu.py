@@ -2,7 +2,7 @@
 and how it scales; cura QLoRA vs cura LoRA vs peft (+ bitsandbytes). Runs as one command, bounded in time:
 
     python bench/train_cpu.py            # full: about 10-15 min on 2 quiet cores (--budget caps it)
-    python bench/train_cpu.py --quick    # about 2-3 min: the main modes and the limits, fewer steps
+    python bench/train_cpu.py --quick    # about 3 min: 5 main modes (AVX2 kind: 2), limits, 1 profile
     -> bench/results/train_cpu.json
 
 Sections, each mode in its own subprocess (so peak RSS is its own), on each CPU kind this machine can be:
@@ -62,6 +62,7 @@ MODES = (
     "cura_qlora",
 )
 AVX2_MODES = ("peft_bnb_qlora", "peft_lora", "cura_lora", "cura_qlora")  # bf16 is emulated there: fp32 only
+QUICK_MODES = ("peft_bnb_qlora", "peft_bnb_qlora_bf16", "cura_lora", "cura_qlora", "cura_qlora_fp32")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 AVX2_ENV = {
     "ATEN_CPU_CAPABILITY": "avx2",
@@ -407,6 +408,8 @@ def say(message: str) -> None:
 def main_modes(args, kind: str, folder: str, budget: Budget) -> dict:
     """The main modes of one CPU kind, `args.rounds` interleaved rounds; per mode, the median over rounds."""
     modes = [m for m in (MODES if kind == "native" else AVX2_MODES) if m in args.modes.split(",")]
+    if args.quick:
+        modes = [m for m in modes if m in QUICK_MODES]
     rounds: dict[str, list[dict]] = {m: [] for m in modes}
     for _ in range(args.rounds):
         for mode in modes:
@@ -620,7 +623,7 @@ def run_all(args, budget: Budget) -> dict:
         }
         entry["ratios"] = kind_ratios(modes)
         entry["aims"] = aims_met(entry)
-        if budget.allows(60):
+        if budget.allows(60) and not args.quick:
             entry["ablations"] = {}
             for ablation in ("before", "ungrouped"):
                 spec = {
@@ -640,7 +643,7 @@ def run_all(args, budget: Budget) -> dict:
                         f"[{kind}] without {ablation}: {res['median_step_seconds']:.2f} s/step (cura_qlora/this {res['cura_qlora_vs_this_step_time']:.2f})"
                     )
                 entry["ablations"][ablation] = res
-        if budget.allows(60):
+        if budget.allows(60) and not (args.quick and kind != "native"):
             entry["profile"] = run_child(
                 {"task": "profile", "mode": "cura_qlora", "folder": folder},
                 KINDS[kind],

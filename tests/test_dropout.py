@@ -182,3 +182,19 @@ def test_a_sibling_on_another_input_computes_alone():
 def test_no_groups_without_dropout_so_each_layer_computes_as_peft_does():
     block, groups = _attention_like(0.0)
     assert groups == 0 and block.q_proj.shared_input is None
+
+
+def test_a_grouped_model_deep_copies_and_pickles_with_its_own_group():
+    import copy
+    import io
+
+    block, _ = _attention_like(0.3)
+    block.q_proj(torch.randn(2, 16))  # leaves slices pending
+    twin = copy.deepcopy(block)
+    assert twin.q_proj.shared_input is twin.k_proj.shared_input is not block.q_proj.shared_input
+    assert twin.q_proj.shared_input.members == [twin.q_proj, twin.k_proj, twin.v_proj]
+    buffer = io.BytesIO()
+    torch.save(block, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded.v_proj.shared_input.members[2] is loaded.v_proj

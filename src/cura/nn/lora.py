@@ -146,6 +146,9 @@ class SharedInputGroup:
         self._pending = _Pending(weakref.ref(x), x._version, dtype, others) if others else None
         return parts[index]
 
+    def __getstate__(self) -> dict:  # torch.save / pickle of a whole model: the pending slices are transient
+        return {"members": self.members, "_pending": None}
+
     def __deepcopy__(self, memo):  # a copied model gets its own group over its own layers
         import copy
 
