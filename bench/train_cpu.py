@@ -1,20 +1,38 @@
-"""CPU training step time and peak memory: cura QLoRA vs cura LoRA vs peft (+ bitsandbytes).
+"""CPU fine-tuning, measured against the machine's limit: step time, MFU, peak memory, where the time goes,
+and how it scales; cura QLoRA vs cura LoRA vs peft (+ bitsandbytes). Runs as one command, bounded in time:
 
-On SmolLM2-135M-Instruct (the bundled model), batch 4 x 256 tokens, 2 threads, gradient checkpointing on,
-LoRA r=16 (dropout 0.05) on every linear layer but lm_head, each mode in its own process (so peak RSS is its
-own). Each library runs in float32 (transformers' default on CPU) and in bfloat16 (compute dtype and model
-dtype; peft keeps its LoRA weights float32 as prepare_model_for_kbit_training does):
+    python bench/train_cpu.py            # full: about 10-15 min on 2 quiet cores (--budget caps it)
+    python bench/train_cpu.py --quick    # about 3 min: 5 main modes (AVX2 kind: 2), limits, 1 profile
+    -> bench/results/train_cpu.json
 
-    peft_bnb_qlora[_bf16]   transformers + bitsandbytes NF4 (double quant) + peft, torch AdamW   (the anchor)
-    peft_lora[_bf16]        transformers full-precision base + peft, torch AdamW
-    cura_lora[_fp32]        cura on the full-precision base, PagedAdamW
-    cura_qlora[_fp32]       cura on the NF4 + double-quantization base, PagedAdamW
+Sections, each mode in its own subprocess (so peak RSS is its own), on each CPU kind this machine can be:
 
-cura's unsuffixed modes use its default `compute_dtype: auto` (bfloat16 where the CPU has AVX512-BF16/AMX,
-else float32): `machine.cura_auto_dtype` says which.
+- kinds: ``native`` (the machine as it is: bfloat16 where AVX512-BF16/AMX exists) and ``avx2`` (an AVX2-only
+  CPU, emulated: ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2`` and cura's
+  kernels built with ``-mno-avx512f``; cura's `compute_dtype: auto` then picks float32, checked and recorded
+  with the measured bf16/fp32 matmul speeds that show the cap took effect);
+- limits: the peak GEMM throughput of this machine for the matmul shapes a step runs (forward [N, in] x
+  [in, out] and input-gradient [N, out] x [out, in] of every linear, and the LM head), in float32 and, where
+  native, bfloat16; each mode's MFU is `cura.memory.flops.lora_step_flops` / step time / the peak of its dtype;
+- modes (SmolLM2-135M-Instruct, the bundled model, batch 4 x 256, LoRA r=16 dropout 0.05 on every linear but
+  lm_head, gradient checkpointing, 2 threads), each library in float32 and in bfloat16 (native kind only):
 
-Reported: median seconds per optimizer step (after warm-up steps), peak RSS, and ratios from the same run.
-Usage: python bench/train_cpu.py [--steps 6] [--warmup 2]   -> bench/results/train_cpu.json
+      peft_bnb_qlora[_bf16]   transformers + bitsandbytes NF4 (double quant) + peft, torch AdamW   (the anchor)
+      peft_lora[_bf16]        transformers full-precision base + peft, torch AdamW
+      cura_lora[_fp32]        cura on the full-precision base, PagedAdamW
+      cura_qlora[_fp32]       cura on the NF4 + double-quantization base, PagedAdamW
+  (cura's unsuffixed modes use its default `compute_dtype: auto`);
+- ablations: cura_qlora with one speed change undone at a time (torch's Bernoulli dropout), same run;
+- profile: one cura_qlora step under torch.profiler, self CPU time by op family (matmul, dequantize,
+  attention, norm/activation/elementwise, dropout, loss, optimizer, allocator, untraced Python);
+- threads: cura_qlora at 1 thread and at every power of two up to this machine's physical cores;
+- scaling: cura_qlora vs peft_bnb_qlora (each in its default dtype) at sequence 256 / 512 / 1024 / 2048 with
+  2048 tokens per step, and on random-weight SmolLM2-360M and TinyLlama-1.1B shapes (1 warm-up, 2 timed
+  steps); a point that does not fit the time budget or the free memory is skipped with the reason recorded.
+
+Timings on a shared machine are noisy: every ratio is between modes of the same run, each mode's time is the
+median of its timed steps, and `--rounds` > 1 runs the main modes interleaved (A B C A B C) and takes the
+median over rounds. The load average is recorded.
 """
 
 from __future__ import annotations
@@ -43,22 +61,40 @@ MODES = (
     "cura_lora",
     "cura_qlora",
 )
+AVX2_MODES = ("peft_bnb_qlora", "peft_lora", "cura_lora", "cura_qlora")  # bf16 is emulated there: fp32 only
+QUICK_MODES = ("peft_bnb_qlora", "peft_bnb_qlora_bf16", "cura_lora", "cura_qlora", "cura_qlora_fp32")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+AVX2_ENV = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "CC": "cc -mno-avx512f",  # cura's C kernels for an AVX2 CPU (-mno-* overrides -march=native's set)
+}
+KINDS = {"native": {}, "avx2": AVX2_ENV}
+# random-weight Llama shapes for the size sweep (config.json fields)
+SIZES = {
+    "smollm2-360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
+                         num_key_value_heads=5, vocab_size=49152, tie_word_embeddings=True),
+    "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                           num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
+}  # fmt: skip
+SCALING_TOKENS = 2048
+SCRATCH = Path(__file__).resolve().parent.parent / ".scratch" / "bench-models"
 
 
 def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def batch(vocab: int, step: int):
+def batch(vocab: int, step: int, size: tuple[int, int] = (BATCH, SEQ)):
     import torch
 
     g = torch.Generator().manual_seed(step)
-    ids = torch.randint(3, vocab, (BATCH, SEQ), generator=g)
+    ids = torch.randint(3, vocab, size, generator=g)
     return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
 
 
-def run_peft(quantized: bool, folder: str, dtype: str):
+def run_peft(quantized: bool, folder: str, dtype: str, size: tuple[int, int] = (BATCH, SEQ)):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -93,7 +129,7 @@ def run_peft(quantized: bool, folder: str, dtype: str):
     vocab = model.config.vocab_size
 
     def step(i):
-        loss = model(**batch(vocab, i)).loss
+        loss = model(**batch(vocab, i, size)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.3)
         opt.step()
@@ -103,7 +139,13 @@ def run_peft(quantized: bool, folder: str, dtype: str):
     return step
 
 
-def run_cura(quantized: bool, folder: str, dtype: str):
+def run_cura(
+    quantized: bool,
+    folder: str,
+    dtype: str,
+    size: tuple[int, int] = (BATCH, SEQ),
+    ablation: str | None = None,
+):
     import torch
 
     from cura.adapters import LoraConfig
@@ -115,44 +157,84 @@ def run_cura(quantized: bool, folder: str, dtype: str):
         compute_dtype=dtype,
         lora=LoraConfig(r=RANK, alpha=ALPHA, dropout=0.05),
         schedule="constant",
-        batch_size=BATCH,
+        batch_size=size[0],
     )
     run = build_run(config, torch.device("cpu"), with_data=False)  # the setup of `cura train` itself
+    undo(run.model, ablation)
     vocab = run.model.config.vocab_size
 
     def step(i):
-        return run.step([batch(vocab, i)])["loss"]
+        return run.step([batch(vocab, i, size)])["loss"]
 
     return step
 
 
-def child(mode: str, folder: str, steps: int, warmup: int) -> dict:
+def mode_dtype(mode: str) -> str:
+    if mode.endswith("_bf16"):
+        return "bfloat16"
+    if mode.endswith("_fp32") or mode.startswith("peft"):
+        return "float32"
+    return "auto"  # cura's default
+
+
+def undo(model, ablation: str | None) -> None:
+    """Undo cura's speed changes on a built model, to measure them against their before in the same run:
+    "before" (torch's Bernoulli dropout, one mask and one A matmul per layer), "ungrouped" (the hashed
+    dropout, but one mask and one A matmul per layer: no `SharedInputGroup`)."""
+    from torch import nn
+
+    from cura.nn.lora import LoRALinear
+
+    if ablation not in (None, "before", "ungrouped"):
+        raise ValueError(f"unknown ablation {ablation}")
+    for m in model.modules():
+        if not isinstance(m, LoRALinear) or ablation is None:
+            continue
+        m.shared_input = None  # each layer its own mask and A matmul
+        if ablation == "before" and isinstance(m.lora_dropout, nn.Dropout):  # torch's Bernoulli dropout
+            m.lora_dropout = nn.Dropout(m.lora_dropout.p)
+
+
+def build_step(spec: dict):
+    """The step function of a mode (and the model, for the profile)."""
+    mode, size = spec["mode"], tuple(spec.get("size", (BATCH, SEQ)))
+    quantized = "qlora" in mode
+    if mode.startswith("peft"):
+        return run_peft(quantized, spec["folder"], mode_dtype(mode), size)
+    step = run_cura(quantized, spec["folder"], mode_dtype(mode), size, spec.get("ablation"))
+    return step
+
+
+def child_mode(spec: dict) -> dict:
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(spec.get("threads", 2))
     torch.manual_seed(0)
     rss_start = peak_rss()
-    build = run_peft if mode.startswith("peft") else run_cura
-    if mode.endswith("_bf16"):
-        dtype = "bfloat16"
-    elif mode.endswith("_fp32") or mode.startswith("peft"):
-        dtype = "float32"
-    else:
-        dtype = "auto"  # cura's default
     t0 = time.perf_counter()
-    step = build("qlora" in mode, folder, dtype)
+    step = build_step(spec)
     load_seconds = time.perf_counter() - t0
-    times, losses = [], []
-    for i in range(warmup + steps):
-        t = time.perf_counter()
+    times, cpu, losses = [], [], []
+    for i in range(spec["warmup"] + spec["steps"]):
+        t, c = time.perf_counter(), time.process_time()
         losses.append(step(i))
-        if i >= warmup:
+        if i >= spec["warmup"]:
             times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+    from cura.hardware import resolve_compute_dtype
+
+    dtype = mode_dtype(spec["mode"])
+    resolved = str(resolve_compute_dtype(dtype, "cpu")).removeprefix("torch.") if dtype == "auto" else dtype
     return {
-        "mode": mode,
-        "dtype": dtype,
+        "mode": spec["mode"],
+        "dtype": resolved,
+        "threads": torch.get_num_threads(),
+        "batch_x_seq": list(spec.get("size", (BATCH, SEQ))),
         "median_step_seconds": statistics.median(times),
         "step_seconds": times,
+        # CPU seconds of the process per step (all threads): on a loaded machine a steadier measure of the
+        # work than wall time, at 1 thread especially
+        "median_step_cpu_seconds": statistics.median(cpu),
         "peak_rss_bytes": peak_rss(),
         "peak_rss_over_start_bytes": peak_rss() - rss_start,
         "load_seconds": load_seconds,
@@ -160,109 +242,460 @@ def child(mode: str, folder: str, steps: int, warmup: int) -> dict:
     }
 
 
+def step_gemms(shape, tokens: int) -> list[tuple[str, int, int, int]]:
+    """(name, M, K, N) of the matmuls of a step: each linear's forward [N, in] x [in, out] and input gradient
+    [N, out] x [out, in], and the LM head's forward."""
+    out = []
+    for name, (k, m) in shape.linears().items():
+        out += [(f"{name}.fwd", tokens, k, m), (f"{name}.dgrad", tokens, m, k)]
+    out.append(("lm_head.fwd", tokens, shape.hidden_size, shape.vocab_size))
+    return out
+
+
+def child_gemm(spec: dict) -> dict:
+    """This machine's matmul throughput on the step's shapes, per dtype (best of repeats), and the CPU kind
+    as torch and cura see it in this process."""
+    import torch
+
+    from cura.hardware import cpu_kind, resolve_compute_dtype
+    from cura.memory.shapes import shape_from_source
+
+    torch.set_num_threads(spec.get("threads", 2))
+    shape = shape_from_source(spec["folder"])
+    result = {
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cura_cpu_kind": cpu_kind(),
+        "cura_auto_dtype": str(resolve_compute_dtype("auto", "cpu")).removeprefix("torch."),
+        "dtypes": {},
+    }
+    for dtype_name in spec["dtypes"]:
+        dtype = getattr(torch, dtype_name)
+        shapes = {}
+        for name, m, k, n in step_gemms(shape, spec["tokens"]):
+            a, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+            torch.nn.functional.linear(a, w)
+            best = float("inf")
+            for _ in range(spec.get("repeats", 3)):
+                t = time.perf_counter()
+                torch.nn.functional.linear(a, w)
+                best = min(best, time.perf_counter() - t)
+            shapes[name] = 2 * m * k * n / best
+        result["dtypes"][dtype_name] = {
+            "peak_flops": max(shapes.values()),
+            "per_shape_flops": shapes,
+        }
+    return result
+
+
+FAMILIES = (  # (family, substrings of an op name); the first match wins, children inherit their parent's
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_mkldnn", "mkldnn_")),
+    ("dequantize", ("_Dequantized4bitMatmul",)),
+    ("attention", ("scaled_dot_product", "flash_attention")),
+    ("dropout", ("bernoulli", "dropout", "_HashDropout")),
+    ("loss", ("log_softmax", "nll_loss", "cross_entropy", "LogSoftmax", "NllLoss")),
+    ("optimizer", ("Optimizer.", "_foreach", "clip_grad", "linalg_vector_norm")),
+    ("norm/activation", ("silu", "rsqrt", "pow", "aten::mean", "SiluBackward", "RsqrtBackward", "PowBackward")),
+    ("allocator", ("aten::empty", "aten::resize_", "aten::zeros", "aten::new_", "aten::fill_", "aten::zero_")),
+    ("elementwise (RoPE, residual, LoRA scale, casts)",
+     ("aten::mul", "aten::add", "aten::copy_", "aten::_to_copy", "aten::cat", "aten::neg", "aten::div", "aten::sum",
+      "aten::sub", "aten::where", "aten::clone", "aten::index", "aten::masked", "Backward")),
+)  # fmt: skip
+
+
+def family_of(name: str) -> str | None:
+    for family, keys in FAMILIES:
+        if any(k in name for k in keys):
+            return family
+    return None
+
+
+def child_profile(spec: dict) -> dict:
+    """Self CPU time of one step by op family (an op without a family of its own takes its parent's)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(spec.get("threads", 2))
+    torch.manual_seed(0)
+    step = build_step(spec)
+    step(0)
+    step(1)
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(2)
+    wall = time.perf_counter() - t
+    by_family: dict[str, float] = {}
+    families: dict[int, str] = {}
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    for e in events:
+        own = family_of(e.name)
+        parent = e.cpu_parent
+        inherited = families.get(id(parent)) if parent is not None else None
+        sticky = inherited in ("optimizer", "loss", "dequantize", "dropout")  # a matmul stays a matmul
+        fam = own if own == "matmul" or not sticky else inherited
+        fam = fam or inherited
+        families[id(e)] = fam or "other"
+        by_family[families[id(e)]] = by_family.get(families[id(e)], 0.0) + e.self_cpu_time_total / 1e6
+    traced = sum(by_family.values())
+    by_family["untraced (Python, framework)"] = max(0.0, wall - traced)
+    return {
+        "mode": spec["mode"],
+        "step_seconds_under_profiler": wall,
+        "seconds_by_family": dict(sorted(by_family.items(), key=lambda kv: -kv[1])),
+        "share_by_family": {k: v / wall for k, v in sorted(by_family.items(), key=lambda kv: -kv[1])},
+    }
+
+
+# ------------------------------------------------------------------------------------------- the parent
+
+
+def run_child(spec: dict, env_extra: dict, timeout: float) -> dict:
+    """`spec` in a fresh process with `env_extra`; its JSON result, or {"error": ...}."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec.get("threads", 2)), TOKENIZERS_PARALLELISM="false")
+    env.update(env_extra)
+    if env_extra.get("CC"):  # a separate kernel cache, so the native build is never replaced
+        env["CURA_CACHE"] = str(SCRATCH.parent / "cura-cache-avx2")
+    try:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", json.dumps(spec)],
+            capture_output=True, text=True, env=env, timeout=timeout,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if proc.returncode != 0:
+        print(proc.stderr[-2000:], file=sys.stderr)
+        return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def random_model_folder(name: str) -> Path:
+    """A Llama of the shape SIZES[name] with random bf16 weights, saved once under .scratch/ (speed needs no
+    trained weights)."""
+    folder = SCRATCH / name
+    if (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists():
+        return folder
+    code = (
+        "import sys, json, torch\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "torch.manual_seed(0); torch.set_default_dtype(torch.bfloat16)\n"
+        "fields = json.loads(sys.argv[2])\n"
+        "c = LlamaConfig(**fields, head_dim=fields['hidden_size'] // fields['num_attention_heads'],\n"
+        "                max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=10000.0)\n"
+        "LlamaForCausalLM(c).save_pretrained(sys.argv[1])\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, str(folder), json.dumps(SIZES[name])], check=True, timeout=900
+    )
+    return folder
+
+
+class Budget:
+    """Wall-clock budget of the whole benchmark: a section runs only if its estimate fits what is left."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+    def allows(self, estimate: float) -> bool:
+        return self.left() >= estimate
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main_modes(args, kind: str, folder: str, budget: Budget) -> dict:
+    """The main modes of one CPU kind, `args.rounds` interleaved rounds; per mode, the median over rounds."""
+    modes = [m for m in (MODES if kind == "native" else AVX2_MODES) if m in args.modes.split(",")]
+    if args.quick:
+        modes = [m for m in modes if m in QUICK_MODES]
+    rounds: dict[str, list[dict]] = {m: [] for m in modes}
+    for _ in range(args.rounds):
+        for mode in modes:
+            if not budget.allows(60):
+                rounds[mode].append({"error": "skipped: the time budget is spent"})
+                continue
+            spec = {
+                "task": "mode",
+                "mode": mode,
+                "folder": folder,
+                "steps": args.steps,
+                "warmup": args.warmup,
+            }
+            res = run_child(spec, KINDS[kind], timeout=max(60, budget.left()))
+            rounds[mode].append(res)
+            if "error" not in res:
+                say(
+                    f"[{kind}] {mode:20} {res['median_step_seconds']:.2f} s/step  {res['peak_rss_bytes'] / 2**20:.0f} MiB"
+                )
+            else:
+                say(f"[{kind}] {mode}: {res['error']}")
+    out = {}
+    for mode, results in rounds.items():
+        good = [r for r in results if "error" not in r]
+        if not good:
+            out[mode] = results[-1]
+            continue
+        best = dict(good[0])
+        best["median_step_seconds"] = statistics.median(r["median_step_seconds"] for r in good)
+        best["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in good)
+        best["rounds"] = len(good)
+        out[mode] = best
+    return out
+
+
+def ratio(results: dict, a: str, b: str, key: str) -> float | None:
+    if key in results.get(a, {}) and key in results.get(b, {}):
+        return results[a][key] / results[b][key]
+    return None
+
+
+def add_mfu(results: dict, limits: dict, flops: int) -> None:
+    for r in results.values():
+        peak = limits.get("dtypes", {}).get(r.get("dtype"), {}).get("peak_flops")
+        if "median_step_seconds" in r and peak:
+            r["model_flops"] = flops
+            r["achieved_flops"] = flops / r["median_step_seconds"]
+            r["mfu"] = r["achieved_flops"] / peak
+
+
+def kind_ratios(res: dict) -> dict:
+    STEP, RSS = "median_step_seconds", "peak_rss_bytes"
+    return {
+        # the issue's aims: each library in its default dtype (cura: auto; peft + bnb: float32)
+        "cura_qlora_vs_peft_bnb_qlora_step_time": ratio(res, "cura_qlora", "peft_bnb_qlora", STEP),
+        "cura_qlora_vs_peft_bnb_qlora_peak_rss": ratio(res, "cura_qlora", "peft_bnb_qlora", RSS),
+        "cura_qlora_vs_cura_lora_step_time": ratio(res, "cura_qlora", "cura_lora", STEP),
+        # like for like: the same dtype on both sides
+        "cura_qlora_fp32_vs_peft_bnb_qlora_step_time": ratio(res, "cura_qlora_fp32", "peft_bnb_qlora", STEP),
+        "cura_qlora_fp32_vs_peft_bnb_qlora_peak_rss": ratio(res, "cura_qlora_fp32", "peft_bnb_qlora", RSS),
+        "cura_qlora_vs_peft_bnb_qlora_bf16_step_time": ratio(res, "cura_qlora", "peft_bnb_qlora_bf16", STEP),
+        "cura_qlora_vs_peft_bnb_qlora_bf16_peak_rss": ratio(res, "cura_qlora", "peft_bnb_qlora_bf16", RSS),
+        "cura_qlora_fp32_vs_cura_lora_fp32_step_time": ratio(res, "cura_qlora_fp32", "cura_lora_fp32", STEP),
+        "cura_lora_fp32_vs_peft_lora_step_time": ratio(res, "cura_lora_fp32", "peft_lora", STEP),
+        "cura_lora_fp32_vs_peft_lora_peak_rss": ratio(res, "cura_lora_fp32", "peft_lora", RSS),
+    }
+
+
+AIMS = {
+    "cura_qlora_vs_peft_bnb_qlora_step_time": 0.5,
+    "like_for_like_step_time": 0.7,
+    "cura_qlora_vs_peft_bnb_qlora_peak_rss": 0.7,
+    "cura_qlora_mfu": 0.5,
+    "cura_qlora_vs_cura_lora_step_time": 1.10,
+}
+
+
+def aims_met(kind: dict) -> dict:
+    """Each aim: the measured value, the bound, met or not (None when not measured)."""
+    r, modes = kind["ratios"], kind["modes"]
+    like = r.get("cura_qlora_vs_peft_bnb_qlora_bf16_step_time") or r.get(
+        "cura_qlora_vs_peft_bnb_qlora_step_time"
+    )
+    if (
+        kind["cura_auto_dtype"] == "float32"
+    ):  # cura's default is float32 there: like for like is the fp32 pair
+        like = r.get("cura_qlora_vs_peft_bnb_qlora_step_time")
+    values = {
+        "cura_qlora_vs_peft_bnb_qlora_step_time": r.get("cura_qlora_vs_peft_bnb_qlora_step_time"),
+        "like_for_like_step_time": like,
+        "cura_qlora_vs_peft_bnb_qlora_peak_rss": r.get("cura_qlora_vs_peft_bnb_qlora_peak_rss"),
+        "cura_qlora_mfu": modes.get("cura_qlora", {}).get("mfu"),
+        "cura_qlora_vs_cura_lora_step_time": r.get("cura_qlora_vs_cura_lora_step_time"),
+    }
+    out = {}
+    for name, bound in AIMS.items():
+        v = values[name]
+        met = None if v is None else (v >= bound if name.endswith("mfu") else v <= bound)
+        out[name] = {"value": v, "aim": (">= " if name.endswith("mfu") else "<= ") + f"{bound:g}", "met": met}
+    return out
+
+
+def scaling(args, folder: str, budget: Budget) -> dict:
+    """cura_qlora vs peft_bnb_qlora (default dtypes) as sequence length and model size grow."""
+    from cura.memory.allocator import available_memory
+
+    out: dict = {"sequence": {}, "model_size": {}}
+    points = [("sequence", f"seq{t}", folder, (SCALING_TOKENS // t, t)) for t in (256, 512, 1024, 2048)]
+    points += [("model_size", name, None, (BATCH, SEQ)) for name in SIZES]
+    params = {"smollm2-360m": 362e6, "tinyllama-1.1b": 1.1e9}
+    for section, label, path, size in points:
+        for mode in ("cura_qlora", "peft_bnb_qlora"):
+            scale = params.get(label, 135e6) / 135e6 * size[0] * size[1] / (BATCH * SEQ)
+            estimate = (
+                30 + 3 * (6 if mode.startswith("cura") else 11) * scale
+            )  # seconds, from the 2-core runs
+            need = params.get(label, 135e6) * (12 if mode.startswith("peft") else 4)  # bytes, rough
+            avail = available_memory()
+            if not budget.allows(estimate):
+                out[section].setdefault(label, {})[mode] = {
+                    "skipped": f"needs ~{estimate:.0f} s, the budget has {budget.left():.0f} s left"
+                }
+                continue
+            if avail is not None and need > avail:
+                out[section].setdefault(label, {})[mode] = {
+                    "skipped": f"needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available"
+                }
+                continue
+            model = path or str(random_model_folder(label))
+            spec = {
+                "task": "mode",
+                "mode": mode,
+                "folder": model,
+                "steps": 2,
+                "warmup": 1,
+                "size": list(size),
+            }
+            res = run_child(spec, {}, timeout=max(60, budget.left()))
+            out[section].setdefault(label, {})[mode] = res
+            if "error" not in res:
+                say(
+                    f"[scaling] {label:16} {mode:16} {res['median_step_seconds']:.2f} s/step {res['peak_rss_bytes'] / 2**20:.0f} MiB"
+                )
+        row = out[section][label]
+        r = ratio(row, "cura_qlora", "peft_bnb_qlora", "median_step_seconds")
+        if r is not None:
+            row["cura_vs_peft_step_time"] = r
+            row["cura_vs_peft_peak_rss"] = ratio(row, "cura_qlora", "peft_bnb_qlora", "peak_rss_bytes")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="fewer steps, no scaling: about 2-3 minutes")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per mode (default 4, quick 2)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds of the main modes")
+    parser.add_argument("--kinds", default="native,avx2")
     parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--child", default=None)
-    parser.add_argument("--folder", default=None)
+    parser.add_argument(
+        "--budget", type=float, default=None, help="seconds for the whole run (default 900, quick 200)"
+    )
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.folder, args.steps, args.warmup)))
+        spec = json.loads(args.child)
+        task = {"mode": child_mode, "gemm": child_gemm, "profile": child_profile}[spec["task"]]
+        print(json.dumps(task(spec)))
         return
-    write_report(run_modes(args))
+    args.steps = args.steps or (2 if args.quick else 4)
+    budget = Budget(args.budget or (200 if args.quick else 900))
+    write_report(run_all(args, budget), args)
 
 
-def run_modes(args) -> dict:
-    """Each mode in its own process on the bundled model; mode -> its result (or its error)."""
+def run_all(args, budget: Budget) -> dict:
+    from cura.hardware import physical_cores
+    from cura.memory.flops import lora_step_flops
+    from cura.memory.shapes import shape_from_source
     from cura.models import resolve_source
     from cura.models.loading import hf_folder
 
-    folder = hf_folder(*resolve_source("smollm2-135m"))  # the cached transformers folder of the bundled model
-    results = {}
-    for mode in args.modes.split(","):
-        env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false")
-        proc = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--child",
-                mode,
-                "--folder",
-                str(folder),
-                "--steps",
-                str(args.steps),
-                "--warmup",
-                str(args.warmup),
-            ],
-            capture_output=True,
-            text=True,
-            env=env,
+    folder = str(
+        hf_folder(*resolve_source("smollm2-135m"))
+    )  # the cached transformers folder of the bundled model
+    flops = lora_step_flops(shape_from_source(folder), BATCH, SEQ, RANK, tuple(TARGETS), checkpointing=True)
+    report: dict = {"model_flops_per_step": flops.__dict__ | {"total": flops.total}, "kinds": {}}
+    for kind in args.kinds.split(","):
+        dtypes = ["float32"] if kind == "avx2" else ["float32", "bfloat16"]
+        gemm = {
+            "task": "gemm",
+            "folder": folder,
+            "tokens": BATCH * SEQ,
+            "dtypes": dtypes,
+        }
+        limits = run_child(gemm, KINDS[kind], timeout=300)
+        if kind == "avx2":  # show the cap took effect: bf16 matmuls are emulated (slow) there
+            probe = run_child({**gemm, "dtypes": ["bfloat16"], "repeats": 1}, KINDS[kind], timeout=300)
+            limits["bf16_when_capped"] = probe.get("dtypes", {}).get("bfloat16", {}).get("peak_flops")
+        say(
+            f"[{kind}] limits: {json.dumps({k: v['peak_flops'] / 1e9 for k, v in limits.get('dtypes', {}).items()})} GFLOP/s"
         )
-        if proc.returncode != 0:
-            results[mode] = {"mode": mode, "error": proc.stderr.strip().splitlines()[-1:]}
-            print(f"{mode}: failed: {proc.stderr[-2000:]}", file=sys.stderr)
-            continue
-        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-        r = results[mode]
-        print(
-            f"{mode:16} {r['median_step_seconds']:.3f} s/step  peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB",
-            file=sys.stderr,
-        )
-    return results
+        modes = main_modes(args, kind, folder, budget)
+        add_mfu(modes, limits, flops.total)
+        entry = {
+            "env": KINDS[kind],
+            "limits": limits,
+            "cura_auto_dtype": limits.get("cura_auto_dtype"),
+            "modes": modes,
+        }
+        entry["ratios"] = kind_ratios(modes)
+        entry["aims"] = aims_met(entry)
+        if budget.allows(60) and not args.quick:
+            entry["ablations"] = {}
+            for ablation in ("before", "ungrouped"):
+                spec = {
+                    "task": "mode",
+                    "mode": "cura_qlora",
+                    "folder": folder,
+                    "steps": args.steps,
+                    "warmup": args.warmup,
+                    "ablation": ablation,
+                }
+                res = run_child(spec, KINDS[kind], timeout=max(60, budget.left()))
+                if "error" not in res and "median_step_seconds" in modes.get("cura_qlora", {}):
+                    res["cura_qlora_vs_this_step_time"] = (
+                        modes["cura_qlora"]["median_step_seconds"] / res["median_step_seconds"]
+                    )
+                    say(
+                        f"[{kind}] without {ablation}: {res['median_step_seconds']:.2f} s/step (cura_qlora/this {res['cura_qlora_vs_this_step_time']:.2f})"
+                    )
+                entry["ablations"][ablation] = res
+        if budget.allows(60) and not (args.quick and kind != "native"):
+            entry["profile"] = run_child(
+                {"task": "profile", "mode": "cura_qlora", "folder": folder},
+                KINDS[kind],
+                timeout=max(60, budget.left()),
+            )
+        report["kinds"][kind] = entry
+    cores = physical_cores()
+    if not args.quick:
+        threads = {}
+        counts = sorted({1, *[2**k for k in range(1, 8) if 2**k <= cores], cores})
+        for n in counts:
+            if budget.allows(60):
+                spec = {
+                    "task": "mode",
+                    "mode": "cura_qlora",
+                    "folder": folder,
+                    "steps": 2,
+                    "warmup": 1,
+                    "threads": n,
+                }
+                threads[str(n)] = run_child(spec, {}, timeout=max(60, budget.left()))
+        base = threads.get("1", {}).get("median_step_seconds")
+        for r in threads.values():
+            if base and "median_step_seconds" in r:
+                r["speedup_over_1_thread"] = base / r["median_step_seconds"]
+        report["threads"] = {"physical_cores": cores, "by_threads": threads}
+        report["scaling"] = scaling(args, folder, budget)
+    return report
 
 
-def write_report(results: dict) -> None:
-    """bench/results/train_cpu.json: the modes' results and the ratios the issue aims at."""
-    from cura.hardware import resolve_compute_dtype
-
-    STEP, RSS = "median_step_seconds", "peak_rss_bytes"
-
-    def ratio(a, b, key):
-        if key in results.get(a, {}) and key in results.get(b, {}):
-            return results[a][key] / results[b][key]
-        return None
-
+def write_report(report: dict, args) -> None:
+    """bench/results/train_cpu.json: the table the issue asks for, with the machine it ran on."""
     out = {
         "benchmark": "train_cpu",
         "model": "SmolLM2-135M-Instruct (bundled)",
         "batch": BATCH,
         "seq_len": SEQ,
         "lora_r": RANK,
+        "lora_dropout": 0.05,
         "threads": 2,
         "gradient_checkpointing": True,
-        "machine": {
-            **describe_machine(),
-            "cura_auto_dtype": str(resolve_compute_dtype("auto", "cpu")).removeprefix("torch."),
-            "load_average_1min": os.getloadavg()[0],
-        },
-        "modes": results,
-        "ratios": {
-            # the issue's aims, with cura at its default (auto dtype) against the float32 anchors
-            "cura_qlora_vs_cura_lora_step_time": ratio("cura_qlora", "cura_lora", STEP),
-            "cura_qlora_vs_peft_bnb_qlora_step_time": ratio("cura_qlora", "peft_bnb_qlora", STEP),
-            "cura_qlora_vs_peft_bnb_qlora_peak_rss": ratio("cura_qlora", "peft_bnb_qlora", RSS),
-            # like for like: the same dtype on both sides
-            "cura_qlora_fp32_vs_cura_lora_fp32_step_time": ratio("cura_qlora_fp32", "cura_lora_fp32", STEP),
-            "cura_qlora_fp32_vs_peft_bnb_qlora_step_time": ratio("cura_qlora_fp32", "peft_bnb_qlora", STEP),
-            "cura_qlora_fp32_vs_peft_bnb_qlora_peak_rss": ratio("cura_qlora_fp32", "peft_bnb_qlora", RSS),
-            "cura_qlora_vs_peft_bnb_qlora_bf16_step_time": ratio("cura_qlora", "peft_bnb_qlora_bf16", STEP),
-            "cura_qlora_vs_peft_bnb_qlora_bf16_peak_rss": ratio("cura_qlora", "peft_bnb_qlora_bf16", RSS),
-            "cura_lora_fp32_vs_peft_lora_step_time": ratio("cura_lora_fp32", "peft_lora", STEP),
-            "cura_lora_fp32_vs_peft_lora_peak_rss": ratio("cura_lora_fp32", "peft_lora", RSS),
-        },
-        "aims": {
-            "cura_qlora_vs_cura_lora_step_time": "<= 1.10",
-            "cura_qlora_vs_peft_bnb_qlora_step_time": "<= 0.5",
-            "cura_qlora_vs_peft_bnb_qlora_peak_rss": "<= 0.7",
-        },
+        "quick": args.quick,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "rounds": args.rounds,
+        "machine": {**describe_machine(), "load_average_1min_at_end": os.getloadavg()[0]},
+        **report,
     }
     path = Path(__file__).parent / "results" / "train_cpu.json"
     write_json(path, out)
-    print(json.dumps(out["ratios"], indent=2))
+    for kind, entry in report["kinds"].items():
+        print(kind, json.dumps(entry["aims"], indent=1))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch
 from cura.constants import COMPUTE_DTYPES
 from cura.memory.devices import CPU_BF16_FLAGS as _CPU_BF16_FLAGS
 from cura.memory.devices import cpu_flags as _cpu_flags
+from cura.memory.devices import onednn_capped_below_bf16
 
 __all__ = ["COMPUTE_DTYPES", "default_device", "describe_machine", "native_bf16", "resolve_compute_dtype"]
 
@@ -35,7 +36,8 @@ def native_bf16(device: torch.device | str) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return any(flag in _cpu_flags() for flag in _CPU_BF16_FLAGS) and torch.backends.mkldnn.is_available()
+        has_flag = any(flag in _cpu_flags() for flag in _CPU_BF16_FLAGS)
+        return has_flag and torch.backends.mkldnn.is_available() and not onednn_capped_below_bf16()
     return False
 
 
@@ -95,6 +97,39 @@ def cpu_kind() -> str:
     flags = _cpu_flags()
     if native_bf16("cpu"):
         return "bf16"
-    if "avx512f" in flags:
+    if "avx512f" in flags and "AVX512" in torch.backends.cpu.get_cpu_capability():
         return "avx512"
     return "avx2" if "avx2" in flags else "other"
+
+
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on (Linux sysfs topology: one per distinct
+    (package, core) pair, so hyperthread siblings count once); os.cpu_count() where that is unknown."""
+    import os
+
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(
+                (
+                    topology.joinpath("physical_package_id").read_text(),
+                    topology.joinpath("core_id").read_text(),
+                )
+            )
+        except OSError:
+            return len(cpus)
+    return max(1, len(cores))
+
+
+def default_threads() -> int | None:
+    """Torch threads for a CPU run that sets none: one per physical core (a hyperthread sibling shares its
+    core's vector units, so a second matmul thread on it mostly waits); None when OMP_NUM_THREADS is set
+    (the user's choice stands)."""
+    import os
+
+    return None if os.environ.get("OMP_NUM_THREADS") else physical_cores()

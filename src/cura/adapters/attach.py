@@ -13,7 +13,7 @@ from torch import nn
 
 from cura.adapters.config import ALL_LINEAR, LoraConfig
 from cura.errors import CuraError
-from cura.nn.lora import LoRALinear
+from cura.nn.lora import LoRALinear, SharedInputGroup
 from cura.nn.select import select
 
 
@@ -83,7 +83,32 @@ def wrap_paths(model: nn.Module, paths: Iterable[str], config: LoraConfig) -> li
         base = model.get_submodule(path)
         _set_module(model, path, LoRALinear(base, config.r, config.alpha, config.dropout, config.use_rslora))
         done.append(path)
+    group_shared_inputs(model, done)
     return done
+
+
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+"""Sibling linears that read the same tensor in Llama-style blocks (attention's q/k/v, the MLP's gate/up)."""
+
+
+def group_shared_inputs(model: nn.Module, paths: list[str]) -> int:
+    """Make `cura.nn.lora.SharedInputGroup`s of the wrapped siblings in SHARED_INPUTS (same parent module)
+    that have dropout; returns how many. A sibling that turns out to read another tensor still computes alone (the group
+    matches its input by identity)."""
+    wrapped = set(paths)
+    count = 0
+    for path in paths:
+        parent, _, name = path.rpartition(".")
+        for names in SHARED_INPUTS:
+            if name != names[0]:
+                continue
+            siblings = [f"{parent}.{n}" if parent else n for n in names]
+            members = [model.get_submodule(p) for p in siblings if p in wrapped]
+            dropout = all(isinstance(m, LoRALinear) and getattr(m.lora_dropout, "p", 0) > 0 for m in members)
+            if len(members) > 1 and dropout:  # without dropout each computes alone, exactly as PEFT's
+                SharedInputGroup(members)
+                count += 1
+    return count
 
 
 def set_trainable(model: nn.Module, trainable: bool = True) -> None:

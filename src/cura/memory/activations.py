@@ -27,14 +27,20 @@ def saves_input(name: str, targets: tuple[str, ...], spec: PlanSpec) -> bool:
 
 
 def dropout_mask_bytes(spec: PlanSpec) -> int:
-    """Bytes per element of a dropout mask: a bool on CUDA (`native_dropout`), a float noise tensor in the
-    input's dtype on CPU (`at::dropout`'s `input * noise` path)."""
-    return 1 if spec.device == "cuda" else spec.e
+    """Bytes per element of a dropout mask kept for backward: a bool on CUDA (`native_dropout`), none on
+    CPU, where `cura.nn.dropout` regenerates the mask from its seed in backward."""
+    return 1 if spec.device == "cuda" else 0
 
 
 # The linears of a layer grouped by their shared input, in execution order: q/k/v read the first norm's
 # output, o_proj the attention output, gate/up the second norm's output, down_proj SiLU(gate) * up.
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+def shares_input(k: int, chosen: list[str], spec: PlanSpec) -> bool:
+    """Whether the LoRA targets `chosen` of GROUPS[k] form a `cura.nn.lora.SharedInputGroup` (q/k/v or
+    gate/up, two or more of them, with dropout): one dropped input (and mask) for all, one concatenated A."""
+    return k in (0, 2) and len(chosen) > 1 and spec.lora_dropout > 0 and spec.method != "full"
 
 
 def first_recorded_group(shape: ModelShape, spec: PlanSpec, first_layer: bool) -> int:
@@ -80,9 +86,9 @@ def layer_saved_per_token(shape: ModelShape, spec: PlanSpec, first_layer: bool =
         keeps_input = any(saves_input(n, targets, spec) for n in group)
         if keeps_input and no_dropout and not (k == 1 and start == 0):  # attention keeps o_proj's input
             total += group_inputs[k]
-        for name in chosen:
+        for j, name in enumerate(chosen):
             total += spec.lora_r * e
-            if spec.lora_dropout > 0:
+            if spec.lora_dropout > 0 and not (j > 0 and shares_input(k, chosen, spec)):
                 mask = dropout_mask_bytes(spec) if recorded_input else 0
                 total += linears[name][0] * (mask + e)
         if k == 0:
@@ -99,12 +105,23 @@ def layer_saved_per_token(shape: ModelShape, spec: PlanSpec, first_layer: bool =
 def weight_casts_per_layer(shape: ModelShape, spec: PlanSpec, first_layer: bool = False) -> int:
     """Compute-dtype copies of trained float32 weights that one layer saves for backward when e != 4: LoRA's
     A and B cast on the fly (`cura.nn.lora`), r * (in + out) * e per target, or every linear weight under
-    full fine-tuning (autocast's copies). Nothing in float32 compute, where the cast is the weight itself.
-    In the first layer the A of the first recorded targets is not kept (their input needs no gradient)."""
-    if spec.e == 4:
-        return 0
+    full fine-tuning (autocast's copies). In float32 compute the cast is the weight itself, except for the
+    concatenated A of a SharedInputGroup (`shares_input`), a new tensor in any dtype (in another dtype it
+    replaces its members' casts, the same bytes). In the first layer the A of the first recorded targets
+    is not kept (their input needs no gradient)."""
     if spec.method == "full":
-        return shape.linear_params_per_layer * spec.e
+        return shape.linear_params_per_layer * spec.e if spec.e != 4 else 0
+    targets, linears = lora_targets(shape, spec), shape.linears()
+    start = first_recorded_group(shape, spec, True) if first_layer else -1
+    # a SharedInputGroup's concatenated A is a new tensor even in float32 (not saved where its input
+    # needs no gradient: the first recorded group of the first layer)
+    concatenated = 0
+    for k, group in enumerate(GROUPS):
+        chosen = [n for n in group if n in targets]
+        if shares_input(k, chosen, spec) and k != start:
+            concatenated += sum(spec.lora_r * linears[n][0] for n in chosen)
+    if spec.e == 4:
+        return concatenated * 4
     total = sum(layer_trained_sizes(shape, spec)) * spec.e
     if first_layer:
         first = [n for n in GROUPS[first_recorded_group(shape, spec, True)] if n in lora_targets(shape, spec)]

@@ -7,6 +7,7 @@ reported: a "24 GB" RTX 4090 has 24,564 MiB, an "80 GB" A100 has 81,920 MiB (nvi
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 from dataclasses import dataclass
@@ -135,5 +136,18 @@ def cpu_flags() -> frozenset[str]:
 
 def cpu_native_bf16() -> bool:
     """True when this CPU multiplies bfloat16 in hardware (by its flags; `cura.hardware.native_bf16` also
-    asks torch whether its oneDNN backend is built in, which every x86 wheel has)."""
-    return any(flag in cpu_flags() for flag in CPU_BF16_FLAGS)
+    asks torch whether its oneDNN backend is built in, which every x86 wheel has), unless oneDNN is capped
+    below its bf16 instructions."""
+    return any(flag in cpu_flags() for flag in CPU_BF16_FLAGS) and not onednn_capped_below_bf16()
+
+
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) under which it has no bf16 instructions
+_NO_BF16_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
+def onednn_capped_below_bf16() -> bool:
+    """True when ONEDNN_MAX_CPU_ISA (or DNNL_MAX_CPU_ISA) keeps oneDNN off its bf16 instructions: torch's
+    bf16 matmuls are then emulated, as on a CPU without them (how bench/train_cpu.py measures an AVX2 CPU
+    on a newer one)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    return cap.strip().upper() in _NO_BF16_ISAS

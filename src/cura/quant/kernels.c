@@ -43,7 +43,7 @@
 #define CURA_AVX512 0
 #endif
 
-#define CURA_ABI 1
+#define CURA_ABI 2
 
 enum { DTYPE_F32 = 0, DTYPE_BF16 = 1, DTYPE_F16 = 2 };
 
@@ -448,4 +448,52 @@ int cura_quantize_8bit(const float *x, int64_t n, int64_t blocksize, const float
         }
     }
     return bad;
+}
+
+/* ---- dropout: out = x * (keep ? scale : 0), keep decided by a hash of (seed, element index) ----
+ *
+ * keep_i = (h_i >> 8) >= threshold, h_i = fmix32(fmix32(i + seed_lo) ^ seed_hi) (MurmurHash3's
+ * finalizer; i is the element's index as uint32, so n must be below 2^32). The mask is a pure function of
+ * (seed, i): backward regenerates it instead of storing it, and any thread count gives the same bits.
+ * The product is float32 (x widened exactly), then rounded to x's dtype (torch's round-to-nearest-even,
+ * NaN -> 0x7FC0 as c10 does), which is what `cura.nn.dropout.reference_dropout` computes in PyTorch. */
+static inline uint32_t fmix32(uint32_t h) {
+    h ^= h >> 16;
+    h *= UINT32_C(0x85EBCA6B);
+    h ^= h >> 13;
+    h *= UINT32_C(0xC2B2AE35);
+    h ^= h >> 16;
+    return h;
+}
+
+static void dropout_chunk(const void *x, void *out, int dtype, int64_t i, int m, uint32_t seed_lo,
+                          uint32_t seed_hi, uint32_t threshold, float scale) {
+    float v[CHUNK], f[CHUNK];
+    for (int j = 0; j < m; j++) {
+        const uint32_t h = fmix32(fmix32((uint32_t)(i + j) + seed_lo) ^ seed_hi);
+        f[j] = (h >> 8) >= threshold ? scale : 0.0f;
+    }
+    load_chunk(x, dtype, i, m, v);
+    for (int j = 0; j < m; j++) v[j] *= f[j];
+    if (dtype == DTYPE_BF16) {
+        for (int j = 0; j < m; j++)
+            ((uint16_t *)out)[i + j] = isnan(v[j]) ? UINT16_C(0x7FC0) : f32_to_bf16(v[j]);
+    } else {
+        store_chunk(out, dtype, i, m, v);
+    }
+}
+
+int cura_dropout(const void *x, void *out, int dtype, int64_t n, uint32_t seed_lo, uint32_t seed_hi,
+                 uint32_t threshold, float scale, int threads) {
+    if (n < 0 || n > (int64_t)UINT32_MAX) return 1;
+    const int64_t chunks = (n + CHUNK - 1) / CHUNK;
+#pragma omp parallel num_threads(threads)
+    {
+        THREAD_RANGE(chunks, THREAD_COUNT(), THREAD_ID(), first, last);
+        for (int64_t c = first; c < last; c++) {
+            const int64_t i = c * CHUNK;
+            dropout_chunk(x, out, dtype, i, (int)min64(CHUNK, n - i), seed_lo, seed_hi, threshold, scale);
+        }
+    }
+    return 0;
 }

@@ -44,7 +44,7 @@ from cura.quant.codebooks import code_4bit
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
-ABI = 1
+ABI = 2
 """Must equal ``CURA_ABI`` in kernels.c."""
 
 BASE_FLAGS = ("-O3", "-ffp-contract=off", "-shared", "-fPIC")
@@ -114,7 +114,9 @@ def load(path: Path) -> ctypes.CDLL:
     lib.cura_dequantize_4bit.argtypes = [p, i64, i64, p, p, p, p, p, f32, i64, p, i32, i32]
     lib.cura_quantize_4bit.argtypes = [p, i32, i64, i64, p, p, i32, p, p, i32]
     lib.cura_quantize_8bit.argtypes = [p, i64, i64, p, p, p, p, i32]
-    for fn in (lib.cura_dequantize_4bit, lib.cura_quantize_4bit, lib.cura_quantize_8bit):
+    u32 = ctypes.c_uint32
+    lib.cura_dropout.argtypes = [p, p, i32, i64, u32, u32, u32, f32, i32]
+    for fn in (lib.cura_dequantize_4bit, lib.cura_quantize_4bit, lib.cura_quantize_8bit, lib.cura_dropout):
         fn.restype = ctypes.c_int
     return lib
 
@@ -215,6 +217,11 @@ def empty(n: int, dtype: torch.dtype) -> torch.Tensor:
 
 def _threads(n: int) -> int:
     return max(1, min(torch.get_num_threads(), n // MIN_ELEMENTS_PER_THREAD))
+
+
+def threads_for(n: int) -> int:
+    """Threads for a kernel over `n` elements: torch's count, fewer when each would get too little."""
+    return _threads(n)
 
 
 def _on_cpu(*tensors: torch.Tensor | None) -> bool:

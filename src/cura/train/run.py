@@ -26,7 +26,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from cura.adapters import attach_lora
 from cura.data import batches, build_datasets, effective_chat_template
 from cura.errors import CuraError
-from cura.hardware import default_device, resolve_compute_dtype
+from cura.hardware import default_device, default_threads, resolve_compute_dtype
 from cura.models import load_tokenizer, resolve_source
 from cura.models.loading import QuantSpec, hf_folder, load_checkpoint
 from cura.nn import Linear4bit
@@ -179,8 +179,9 @@ def prepare_process(
     """Torch's thread count and, on a CPU, glibc's allocator mode for this process (both before any tensor
     is allocated); returns (the device: `device`, else the first GPU or the CPU; whether glibc's mmap
     threshold was fixed)."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    threads = config.threads or default_threads()  # default: physical cores (cura.hardware)
+    if threads:
+        torch.set_num_threads(threads)
     device = device or default_device()
     pinned = apply_cpu_malloc(config, say) if device.type == "cpu" else False
     return device, pinned
