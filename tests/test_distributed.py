@@ -343,32 +343,14 @@ def test_planner_all_reduce_bucket_is_the_largest_bucket_the_code_reduces(monkey
     from cura.adapters import LoraConfig, attach_lora
     from cura.memory import activations as planned
     from cura.memory import plan, shape_from_config
-    from cura.memory.spec import PlanSpec
     from cura.train import distributed
-    from tiny import tiny_model
+    from tiny import plan_spec, tiny_model
 
     model = tiny_model("llama")
     attach_lora(model, LoraConfig(r=8))
     grads = [torch.zeros_like(p) for p in model.parameters() if p.requires_grad]
     shape = shape_from_config(model.config.to_dict())
-    base = dict(
-        method="lora",
-        quant_type="nf4",
-        double_quant=True,
-        blocksize=64,
-        lora_r=8,
-        lora_targets="all-linear",
-        lora_dropout=0.05,
-        optimizer="paged_adamw",
-        compute_dtype="float32",
-        batch_size=2,
-        seq_len=24,
-        gradient_checkpointing=True,
-        loss_chunk_tokens=1024,
-        packing=True,
-        device="cpu",
-    )
-    one, four = plan(shape, PlanSpec(**base)), plan(shape, PlanSpec(**base, world_size=4))
+    one, four = plan(shape, plan_spec(method="lora")), plan(shape, plan_spec(method="lora", world_size=4))
     assert "all_reduce" not in one.phases and "all_reduce" in four.phases
     assert {
         k: v for k, v in four.phases.items() if k != "all_reduce"
@@ -378,7 +360,7 @@ def test_planner_all_reduce_bucket_is_the_largest_bucket_the_code_reduces(monkey
     for limit, exact in ((total * 2, True), (total // 3, False), (1, True)):
         monkeypatch.setattr(planned, "ALL_REDUCE_BUCKET_BYTES", limit)
         biggest = max(sum(g.nbytes for g in b) for b in distributed._buckets(grads, limit))
-        planned_bytes = planned.all_reduce_buffers(shape, PlanSpec(**base, world_size=2))
+        planned_bytes = planned.all_reduce_buffers(shape, plan_spec(method="lora", world_size=2))
         if exact:  # one bucket of everything, or one tensor per bucket
             assert planned_bytes == biggest
         else:  # buckets end at tensor boundaries: the plan (the limit) is at most one tensor above them

@@ -224,26 +224,9 @@ def test_fsdp_with_a_preference_objective_is_refused():
 
 
 def _plan_spec(**overrides):
-    from cura.memory.spec import PlanSpec
+    from tiny import plan_spec
 
-    base = dict(
-        method="qlora",
-        quant_type="nf4",
-        double_quant=True,
-        blocksize=64,
-        lora_r=8,
-        lora_targets="all-linear",
-        lora_dropout=0.05,
-        optimizer="paged_adamw",
-        compute_dtype="float32",
-        batch_size=2,
-        seq_len=24,
-        gradient_checkpointing=True,
-        loss_chunk_tokens=1024,
-        packing=True,
-        device="cpu",
-    )
-    return PlanSpec(**{**base, **overrides})
+    return plan_spec(**overrides)
 
 
 def test_planner_fsdp_rank_holds_a_shard_plus_the_gathered_layer():

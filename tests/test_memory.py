@@ -40,30 +40,13 @@ from cura.memory.planner import (
     step_buffers,
     weight_casts_per_layer,
 )
-from tiny import tiny_config, tiny_model
+from tiny import plan_spec, tiny_config, tiny_model
 
 GiB, MiB = 2**30, 2**20
 
 
 def spec(**changes) -> PlanSpec:
-    base = dict(
-        method="qlora",
-        quant_type="nf4",
-        double_quant=True,
-        blocksize=64,
-        lora_r=8,
-        lora_targets="all-linear",
-        lora_dropout=0.05,
-        optimizer="paged_adamw",
-        compute_dtype="float32",
-        batch_size=2,
-        seq_len=24,
-        gradient_checkpointing=True,
-        loss_chunk_tokens=1024,
-        packing=True,
-        device="cpu",
-    )
-    return PlanSpec(**{**base, **changes})
+    return plan_spec(**changes)
 
 
 TINY = shape_from_config({**tiny_config("llama").to_dict(), "intermediate_size": 176}, "tiny")

@@ -140,3 +140,27 @@ def save_tiny_chat_model(folder, tokenizer=None, arch: str = "llama", seed: int 
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def plan_spec(**changes):
+    """The planner settings the memory tests share (a small QLoRA step on CPU), with `changes` applied."""
+    from cura.memory.spec import PlanSpec
+
+    base = dict(
+        method="qlora",
+        quant_type="nf4",
+        double_quant=True,
+        blocksize=64,
+        lora_r=8,
+        lora_targets="all-linear",
+        lora_dropout=0.05,
+        optimizer="paged_adamw",
+        compute_dtype="float32",
+        batch_size=2,
+        seq_len=24,
+        gradient_checkpointing=True,
+        loss_chunk_tokens=1024,
+        packing=True,
+        device="cpu",
+    )
+    return PlanSpec(**{**base, **changes})
