@@ -215,10 +215,7 @@ def _launch_all(tiny_source, train_file, root: Path, launched: list) -> dict:
             interrupted.send_signal(signal.SIGTERM)
             signalled = time.time()
         if kill_at is None and latest_checkpoint(out["killed"] / "checkpoints") is not None:
-            workers = [p for agent in _children(killed.pid) for p in _children(agent)]
-            rank1 = [p for p in workers if _rank_of(p) == 1]
-            assert rank1, f"no rank-1 worker among {workers}"
-            os.kill(rank1[0], signal.SIGKILL)
+            kill_rank(killed, 1)
             kill_at = time.time()
         time.sleep(0.05)
     assert signalled and kill_at, "the runs did not start within 240 s"
@@ -324,6 +321,14 @@ def _kill_tree(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def kill_rank(launcher: subprocess.Popen, rank: int) -> None:
+    """kill -9 the worker of `rank` that the torchrun agent under `launcher` started."""
+    workers = [p for agent in _children(launcher.pid) for p in _children(agent)]
+    chosen = [p for p in workers if _rank_of(p) == rank]
+    assert chosen, f"no rank-{rank} worker among {workers}"
+    os.kill(chosen[0], signal.SIGKILL)
 
 
 def _rank_of(pid: int) -> int | None:

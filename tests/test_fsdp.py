@@ -20,13 +20,12 @@ from cura.errors import CuraError
 from cura.train import train
 from cura.train.checkpoint import checkpoint_dir
 from test_distributed import (  # noqa: F401  (fixtures)
-    _children,
     _kill_tree,
-    _rank_of,
     adapter,
     cura,
     finish,
     flags,
+    kill_rank,
     losses,
     one_process_config,
     settings,
@@ -86,7 +85,6 @@ def stopped(tiny_source, train_file, tmp_path_factory):  # noqa: F811
     interrupted   the `runs` sharded run's settings, SIGTERM to the launcher after 1 logged step, then --resume
     killed        400 steps, a checkpoint every 2; rank 1 killed with SIGKILL after the first checkpoint
     """
-    import os
     import signal
     import time
 
@@ -118,10 +116,7 @@ def stopped(tiny_source, train_file, tmp_path_factory):  # noqa: F811
                 interrupted.send_signal(signal.SIGTERM)
                 signalled = time.time()
             if kill_at is None and latest_checkpoint(out["killed"] / "checkpoints") is not None:
-                workers = [p for agent in _children(killed.pid) for p in _children(agent)]
-                rank1 = [p for p in workers if _rank_of(p) == 1]
-                assert rank1, f"no rank-1 worker among {workers}"
-                os.kill(rank1[0], signal.SIGKILL)
+                kill_rank(killed, 1)
                 kill_at = time.time()
             time.sleep(0.05)
         assert signalled and kill_at, "the runs did not start within 240 s"

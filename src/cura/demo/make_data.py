@@ -90,6 +90,11 @@ def write(folder: Path) -> None:
         "orders_train.jsonl": make_split(1, 800, TRAIN_NAMES, TRAIN_CITIES),
         "orders_eval.jsonl": make_split(2, 64, EVAL_NAMES, EVAL_CITIES),
     }
+    write_splits(folder, splits)
+
+
+def write_splits(folder: Path, splits: dict[str, list[dict]]) -> None:
+    """Each split as a JSON-lines file in `folder` (UTF-8, one row per line): the files the package ships."""
     for filename, rows in splits.items():
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         (folder / filename).write_text(text, encoding="utf-8")

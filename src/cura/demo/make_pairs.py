@@ -14,11 +14,10 @@ cura.demo.make_pairs` rewrites the shipped files byte for byte.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
-from cura.demo.make_data import EVAL_CITIES, EVAL_NAMES, TRAIN_CITIES, TRAIN_NAMES
+from cura.demo.make_data import EVAL_CITIES, EVAL_NAMES, TRAIN_CITIES, TRAIN_NAMES, write_splits
 
 JOBS = """baker nurse pilot teacher plumber chemist painter farmer librarian dentist tailor carpenter
 architect florist jeweller mechanic translator surveyor""".split()
@@ -106,9 +105,7 @@ def write(folder: Path) -> None:
         "style_pairs_train.jsonl": make_split(11, 400, TRAIN_NAMES, TRAIN_CITIES),
         "style_pairs_eval.jsonl": make_split(12, 32, EVAL_NAMES, EVAL_CITIES),
     }
-    for filename, rows in splits.items():
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        (folder / filename).write_text(text, encoding="utf-8")
+    write_splits(folder, splits)
 
 
 if __name__ == "__main__":

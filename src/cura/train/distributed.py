@@ -57,6 +57,18 @@ from cura.memory.activations import ALL_REDUCE_BUCKET_BYTES
 BUCKET_BYTES = ALL_REDUCE_BUCKET_BYTES  # gradients are all-reduced in flat buffers of at most this size
 TIMEOUT_SECONDS = int(os.environ.get("CURA_DIST_TIMEOUT", "600"))  # a collective that waits longer fails
 
+
+def lost_contact(rank: int, size: int, what: str, exc: BaseException) -> CuraError:
+    """The one sentence for a collective whose peer died or timed out (`what`: what this rank was doing):
+    the job stops, the last complete checkpoint is kept. Shared by data parallel, --fsdp and the guard."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return CuraError(
+        f"rank {rank} of {size} lost contact with the other processes while {what} ({first[:200]}): one of "
+        "them stopped or was killed, so the whole job stops; the last complete checkpoint is kept, resume "
+        "with --resume when every process can run"
+    )
+
+
 # torchrun's flags that `cura train --nproc` passes through (config key-free: they are not run settings)
 LAUNCH_FLAGS = ("nproc", "nnodes", "node_rank", "rdzv_endpoint")
 
@@ -203,12 +215,7 @@ class World:
             if timed:
                 self.comm_seconds += time.perf_counter() - t0
         except (RuntimeError, dist.DistError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CuraError(
-                f"rank {self.rank} of {self.size} lost contact with the other processes while {what} "
-                f"({first[:200]}): one of them stopped or was killed, so the whole job stops; the last "
-                "complete checkpoint is kept, resume with --resume when every process can run"
-            ) from None
+            raise lost_contact(self.rank, self.size, what, exc) from None
 
 
 def _buckets(tensors: list[torch.Tensor], limit: int) -> Iterator[list[torch.Tensor]]:

@@ -77,6 +77,7 @@ from torch import nn
 
 from cura.errors import CuraError
 from cura.nn import Linear4bit
+from cura.train.distributed import lost_contact
 
 # every tensor of a Linear4bit's 4-bit weight becomes a frozen parameter (the code books too: they are 1 KiB
 # of a layer's storage, which in a small model is not negligible)
@@ -347,12 +348,7 @@ class TimedCollectives:
             if work is not None:
                 work.wait()
         except (RuntimeError, dist.DistError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CuraError(
-                f"rank {self.world.rank} of {self.world.size} lost contact with the other processes while "
-                f"gathering a sharded layer ({first[:200]}): one of them stopped or was killed, so the whole job "
-                "stops; the last complete checkpoint is kept, resume with --resume when every process can run"
-            ) from None
+            raise lost_contact(self.world.rank, self.world.size, "gathering a sharded layer", exc) from None
         self.world.comm_seconds += time.perf_counter() - t0
         return work
 

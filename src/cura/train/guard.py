@@ -14,8 +14,6 @@ import math
 
 import torch
 
-from cura.errors import CuraError
-
 HUGE = 1e8
 """Largest |LoRA weight| still taken as trained: they start below 1 and an AdamW step moves each by about
 lr (at most 1, see `TrainConfig.lr`), so 1e8 means the update blew up, and products of such weights overflow
@@ -60,12 +58,9 @@ def _sharded_worst(params) -> float | None:
     try:
         dist.all_reduce(comm, op=dist.ReduceOp.MAX)
     except (RuntimeError, dist.DistError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CuraError(
-            f"rank {dist.get_rank()} lost contact with the other processes while checking the LoRA weights "
-            f"({first[:200]}): one of them stopped or was killed, so the whole job stops; the last complete "
-            "checkpoint is kept, resume with --resume when every process can run"
-        ) from None
+        from cura.train.distributed import lost_contact
+
+        raise lost_contact(dist.get_rank(), dist.get_world_size(), "checking the LoRA weights", exc) from None
     bad, worst = comm.tolist()
     return math.inf if bad else worst
 
