@@ -174,7 +174,8 @@ def test_rslora_adapter_round_trips_through_peft(tmp_path):
     save_adapter(model, config, tmp_path / "a", base_model_name_or_path="tiny")
     twin = peft.PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / "a")).eval()
     assert twin.peft_config["default"].use_rslora
-    assert torch.equal(_logits(model), _logits(twin))
+    # rsLoRA's scale is not a power of two: add_update's addmm rounds scale * update once
+    torch.testing.assert_close(_logits(model), _logits(twin), rtol=1e-6, atol=1e-6)
 
 
 def test_peft_written_adapter_loads_into_cura(tmp_path, arch):
@@ -197,7 +198,8 @@ def test_peft_rslora_and_short_target_names_load(tmp_path):
     assert sorted(lora_layers(model)) == sorted(
         f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.k_proj", "mlp.up_proj")
     )
-    assert torch.equal(_logits(model), _logits(twin))
+    # rsLoRA's scale is not a power of two: add_update's addmm rounds scale * update once
+    torch.testing.assert_close(_logits(model), _logits(twin), rtol=1e-6, atol=1e-6)
     assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
 
 

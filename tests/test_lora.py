@@ -153,7 +153,12 @@ def test_lora_weights_are_float32_masters_computed_in_the_base_dtype():
     y = layer(x)
     assert y.dtype == torch.bfloat16
     a, b = layer.lora_A.weight.bfloat16(), layer.lora_B.weight.bfloat16()  # the update in bf16, like autocast
-    torch.testing.assert_close(y, layer.base_layer(x) + (x @ a.t()) @ b.t() * 2.0, rtol=0, atol=0)
+    # bf16 operands, float32 accumulation, one rounding of base + scale * update (add_update's addmm)
+    low_rank = x @ a.t()
+    ref = (layer.base_layer(x).float() + 2.0 * (low_rank.float() @ b.float().t())).bfloat16()
+    torch.testing.assert_close(y, ref, rtol=2**-8, atol=0)
+    peft_order = layer.base_layer(x) + low_rank @ b.t() * 2.0  # three roundings: within a few bf16 ulps
+    torch.testing.assert_close(y, peft_order, rtol=0, atol=4 * 2**-8 * peft_order.abs().max().item())
     y.float().sum().backward()
     assert layer.lora_A.weight.grad.dtype == layer.lora_B.weight.grad.dtype == torch.float32
 

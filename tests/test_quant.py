@@ -225,5 +225,5 @@ def test_fast_dequantize_equals_plain_formula_on_every_tail_length(blocksize, pa
         assert torch.equal(q.dequantize(), plain), n
         buffer = torch.full((n,), float("nan"))
         assert q.dequantize(out=buffer).data_ptr() == buffer.data_ptr() and torch.equal(buffer, plain), n
-    with pytest.raises(ValueError, match="out must be a contiguous float32"):
+    with pytest.raises(ValueError, match="out must be a contiguous float32, bfloat16 or float16 tensor of"):
         q.dequantize(out=torch.empty(3))

@@ -195,8 +195,12 @@ def test_output_buffer_is_filled_in_place(lib):
     buffer = torch.full((300, 77), float("nan"))
     result = dequantize_with(lib, q, out=buffer)
     assert result.data_ptr() == buffer.data_ptr() and same_bits(buffer, dequantize_with(None, q))
-    with pytest.raises(ValueError, match="out must be a contiguous float32"):
-        dequantize_with(lib, q, out=torch.empty(300 * 77, dtype=torch.float16))
+    for dtype in (torch.bfloat16, torch.float16):  # a 16-bit buffer gets the values rounded once, in place
+        half = torch.full((300 * 77,), float("nan"), dtype=dtype)
+        result = dequantize_with(lib, q, dtype, out=half)
+        assert result.data_ptr() == half.data_ptr() and same_bits(result, dequantize_with(None, q, dtype))
+    with pytest.raises(ValueError, match="out must be a contiguous float32, bfloat16 or float16"):
+        dequantize_with(lib, q, out=torch.empty(300 * 77, dtype=torch.float64))
 
 
 def test_large_outputs_on_huge_pages(lib, monkeypatch):

@@ -4,19 +4,55 @@
 
 The autograd function saves only the 4-bit weight (packed codes and block scales; x is not needed because
 W is frozen) and dequantizes again in backward, ``dL/dx = dL/dy @ dequant(W4)``: a dequantized copy never
-outlives one matmul. The 4-bit tensors are buffers (they follow ``module.to(device)`` and never appear in
+outlives one matmul (on a CPU it goes into one reused scratch buffer per thread and dtype,
+`dequantize_for_matmul`). The 4-bit tensors are buffers (they follow ``module.to(device)`` and never appear in
 ``parameters()``); ``state_dict()`` holds exactly the keys transformers + bitsandbytes write for the layer
 (``weight``, ``weight.absmax``, ``weight.quant_map``, ..., ``bias``), and ``load_state_dict`` reads them.
 """
+
+import threading
 
 import torch
 from torch import nn
 
 from cura.constants import DEFAULT_BLOCKSIZE, DEFAULT_DOUBLE_QUANT, DEFAULT_LORA_EXCLUDE, DEFAULT_QUANT_TYPE
 from cura.nn.select import matches
-from cura.quant import QuantizedTensor, quantize, triton_kernels
+from cura.quant import QuantizedTensor, kernels, quantize, triton_kernels
 
 _QUANT_BUFFERS = ("absmax", "code", "nested_absmax", "nested_code")
+
+
+class _Scratch(threading.local):
+    """Per thread, one CPU buffer per compute dtype that every 4-bit layer dequantizes into."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[torch.dtype, torch.Tensor] = {}
+
+
+_scratch = _Scratch()
+
+
+def dequantize_for_matmul(weight: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+    """`weight` dequantized in `dtype` for one matmul that reads it and lets it go.
+
+    On a CPU the values go into this thread's scratch buffer for `dtype`, grown to the largest weight seen
+    and reused by every layer, forward and backward: no fresh allocation per call. A fresh tensor of a few
+    MiB costs a page fault per 4 KiB on first write whenever glibc maps it afresh (always with
+    cpu_malloc=tight), and with glibc's default it is one more block the heaps keep. The buffer's contents
+    are only valid until the next call on this thread, which is all a synchronous CPU matmul needs. Other
+    devices (an asynchronous stream, a caching allocator of their own) get a fresh tensor.
+    """
+    if weight.packed.device.type != "cpu" or dtype not in kernels.DTYPE_CODES:
+        return weight.dequantize(dtype)
+    buffer = _scratch.buffers.get(dtype)
+    if buffer is None or buffer.numel() < weight.numel:
+        buffer = _scratch.buffers[dtype] = torch.empty(weight.numel, dtype=dtype)
+    return weight.dequantize(dtype, out=buffer[: weight.numel])
+
+
+def release_scratch() -> None:
+    """Free this thread's dequantization buffers (e.g. after training, before a long generation)."""
+    _scratch.buffers.clear()
 
 
 class _Dequantized4bitMatmul(torch.autograd.Function):
@@ -30,12 +66,14 @@ class _Dequantized4bitMatmul(torch.autograd.Function):
         ctx.save_for_backward(packed, absmax, nested_absmax)
         if matmul_backend(x.device, x.numel() // max(1, x.shape[-1]), dtype) == "fused":
             return triton_kernels.matmul_4bit(x, weight, dtype)
-        return x @ weight.dequantize(dtype).t()
+        return x @ dequantize_for_matmul(weight, dtype).t()
 
     @staticmethod
     def backward(ctx, grad_out):
         packed, absmax, nested_absmax = ctx.saved_tensors  # keeps them alive (and version-checked)
-        grad_x = grad_out @ ctx.weight.dequantize(grad_out.dtype) if ctx.needs_input_grad[0] else None
+        grad_x = (
+            grad_out @ dequantize_for_matmul(ctx.weight, grad_out.dtype) if ctx.needs_input_grad[0] else None
+        )
         return grad_x, None, None, None, None, None
 
 

@@ -95,8 +95,9 @@ class QuantizedTensor:
     ) -> torch.Tensor:
         """The tensor back in `dtype` (default: the original dtype): ``code[c_i] * absmax[i // blocksize]``.
 
-        With `out` (contiguous float32, same number of elements) the float32 values are written there,
-        so a caller that dequantizes repeatedly can reuse one buffer instead of fresh memory each time.
+        With `out` (contiguous, same number of elements; float32, or on CPU also bfloat16 / float16) the
+        values are written there in `out`'s dtype, so a caller that dequantizes repeatedly can reuse one
+        buffer instead of fresh memory each time.
         On CPU the compiled kernels do the work (same bits; see `cura.quant.kernels`); on CUDA one Triton
         launch per weight (`dequant_backend` says which path a device takes).
         """
@@ -273,12 +274,23 @@ def dequantize_with(
     """`QuantizedTensor.dequantize` on the CPU kernels `lib`, or on the PyTorch reference where `lib` is
     None or the kernels decline (see `cura.quant.kernels`)."""
     dtype = dtype or q.dtype
-    if lib is not None and (out is None or out.dtype == torch.float32):  # `out` is float32 by contract
+    if out is not None and (
+        out.dtype not in kernels.DTYPE_CODES or not out.is_contiguous() or out.numel() != q.numel
+    ):
+        raise ValueError(
+            f"out must be a contiguous float32, bfloat16 or float16 tensor of {q.numel} elements, "
+            f"got {out.dtype} {tuple(out.shape)}."
+        )
+    if lib is not None:
         target = out if out is not None else kernels.empty(q.numel, _kernel_dtype(dtype))
         nested = (q.nested_absmax, q.nested_code, q.offset, q.nested_blocksize) if q.double_quant else None
         done = kernels.dequantize_4bit(q.packed, q.absmax, q.code, q.blocksize, q.numel, nested, target, lib)
         if done is not None:
             return target.view(q.shape) if out is not None else target.view(q.shape).to(dtype)
+    if out is not None and out.dtype != torch.float32:  # the reference decodes to float32, then rounds once
+        return out.view(q.shape).copy_(
+            dequantize_packed(q.packed, q.absmax_float(), _table(q.code), q.blocksize, q.numel).view(q.shape)
+        )
     values = dequantize_packed(q.packed, q.absmax_float(), _table(q.code), q.blocksize, q.numel, out)
     return values.view(q.shape) if out is not None else values.view(q.shape).to(dtype)
 
