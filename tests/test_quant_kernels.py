@@ -199,6 +199,8 @@ def test_output_buffer_is_filled_in_place(lib):
         half = torch.full((300 * 77,), float("nan"), dtype=dtype)
         result = dequantize_with(lib, q, dtype, out=half)
         assert result.data_ptr() == half.data_ptr() and same_bits(result, dequantize_with(None, q, dtype))
+        reference = dequantize_with(None, q, dtype, out=torch.empty_like(half))  # the PyTorch path's copy
+        assert same_bits(reference, dequantize_with(None, q, dtype))
     with pytest.raises(ValueError, match="out must be a contiguous float32, bfloat16 or float16"):
         dequantize_with(lib, q, out=torch.empty(300 * 77, dtype=torch.float64))
 

@@ -50,11 +50,6 @@ def dequantize_for_matmul(weight: QuantizedTensor, dtype: torch.dtype) -> torch.
     return weight.dequantize(dtype, out=buffer[: weight.numel])
 
 
-def release_scratch() -> None:
-    """Free this thread's dequantization buffers (e.g. after training, before a long generation)."""
-    _scratch.buffers.clear()
-
-
 class _Dequantized4bitMatmul(torch.autograd.Function):
     """``x @ dequant(W)^T``; saves the 4-bit tensors only and dequantizes them again in backward."""
 

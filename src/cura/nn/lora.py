@@ -10,8 +10,8 @@
 B starts at zero, so a fresh adapter leaves the base model's outputs unchanged. The update is added by one
 GEMM that accumulates onto the base's output (`add_update`: addmm with alpha = scale) instead of PEFT's
 `base + lora_B(lora_A(dropout(x))) * scale` in three passes; the two agree to rounding (float32: within an
-ulp; bfloat16: ours rounds once where PEFT rounds three times). `lora_A` and `lora_B` are plain `nn.Linear(bias=False)`: state-dict keys end in `lora_A.weight` and
-`lora_B.weight`, as in the PEFT format.
+ulp; bfloat16: ours rounds once where PEFT rounds three times). `lora_A` and `lora_B` are plain
+`nn.Linear(bias=False)`: state-dict keys end in `lora_A.weight` and `lora_B.weight`, as in the PEFT format.
 
 Shared inputs: q/k/v read the same normed hidden state, gate/up too. With dropout > 0 such siblings form a
 `SharedInputGroup` (`cura.adapters.attach` makes them): the first of them to run draws one dropout mask

@@ -287,12 +287,12 @@ def dequantize_with(
         done = kernels.dequantize_4bit(q.packed, q.absmax, q.code, q.blocksize, q.numel, nested, target, lib)
         if done is not None:
             return target.view(q.shape) if out is not None else target.view(q.shape).to(dtype)
-    if out is not None and out.dtype != torch.float32:  # the reference decodes to float32, then rounds once
-        return out.view(q.shape).copy_(
-            dequantize_packed(q.packed, q.absmax_float(), _table(q.code), q.blocksize, q.numel).view(q.shape)
-        )
-    values = dequantize_packed(q.packed, q.absmax_float(), _table(q.code), q.blocksize, q.numel, out)
-    return values.view(q.shape) if out is not None else values.view(q.shape).to(dtype)
+    direct = out if out is not None and out.dtype == torch.float32 else None  # else decode, then round once
+    values = dequantize_packed(q.packed, q.absmax_float(), _table(q.code), q.blocksize, q.numel, direct)
+    values = values.view(q.shape)
+    if out is None:
+        return values.to(dtype)
+    return values if direct is not None else out.view(q.shape).copy_(values)
 
 
 def dequant_backend(device: torch.device) -> str:
