@@ -22,7 +22,8 @@ Sections, each mode in its own subprocess (so peak RSS is its own), on each CPU 
       cura_lora[_fp32]        cura on the full-precision base, PagedAdamW
       cura_qlora[_fp32]       cura on the NF4 + double-quantization base, PagedAdamW
   (cura's unsuffixed modes use its default `compute_dtype: auto`);
-- ablations: cura_qlora with one speed change undone at a time (torch's Bernoulli dropout), same run;
+- ablations: cura_qlora with one speed change undone at a time (`undo`: torch's Bernoulli dropout, no
+  shared-input groups, no recompute-kept weights, no scratch buffer, PEFT's three-pass LoRA update), same run;
 - profile: one cura_qlora step under torch.profiler, self CPU time by op family (matmul, dequantize,
   attention, norm/activation/elementwise, dropout, loss, optimizer, allocator, untraced Python);
 - threads: cura_qlora at 1 thread and at every power of two up to this machine's physical cores;
@@ -177,18 +178,34 @@ def mode_dtype(mode: str) -> str:
     return "auto"  # cura's default
 
 
+ABLATIONS = ("before", "ungrouped", "unkept", "fresh", "three_pass")
+
+
 def undo(model, ablation: str | None) -> None:
-    """Undo cura's speed changes on a built model, to measure them against their before in the same run:
+    """Undo one of cura's speed changes on a built model, to measure it against its before in the same run:
     "before" (torch's Bernoulli dropout, one mask and one A matmul per layer), "ungrouped" (the hashed
-    dropout, but one mask and one A matmul per layer: no `SharedInputGroup`)."""
+    dropout, but one mask and one A matmul per layer: no `SharedInputGroup`), "unkept" (a checkpointed
+    layer's recompute does not keep its dequantized weights for backward: three decodes per weight per step
+    instead of two), "fresh" (unkept, and every dequantization into a fresh tensor instead of the scratch
+    buffer), "three_pass" (PEFT's ``result + (x A^T B^T) * scale`` instead of one addmm)."""
+    import torch.nn.functional as F
     from torch import nn
 
+    from cura.nn import linear4bit, lora
     from cura.nn.lora import LoRALinear
 
-    if ablation not in (None, "before", "ungrouped"):
+    if ablation not in (None, *ABLATIONS):
         raise ValueError(f"unknown ablation {ablation}")
+    if ablation in ("unkept", "fresh"):
+        linear4bit._in_recompute = lambda x: False
+    if ablation == "fresh":
+        linear4bit.dequantize_for_matmul = lambda weight, dtype: weight.dequantize(dtype)
+    if ablation == "three_pass":
+        lora.add_update = lambda result, low_rank, b, scale: result + F.linear(low_rank, b) * scale
+    if ablation not in ("before", "ungrouped"):
+        return
     for m in model.modules():
-        if not isinstance(m, LoRALinear) or ablation is None:
+        if not isinstance(m, LoRALinear):
             continue
         m.shared_input = None  # each layer its own mask and A matmul
         if ablation == "before" and isinstance(m.lora_dropout, nn.Dropout):  # torch's Bernoulli dropout
@@ -625,7 +642,7 @@ def run_all(args, budget: Budget) -> dict:
         entry["aims"] = aims_met(entry)
         if budget.allows(60) and not args.quick:
             entry["ablations"] = {}
-            for ablation in ("before", "ungrouped"):
+            for ablation in ABLATIONS:
                 spec = {
                     "task": "mode",
                     "mode": "cura_qlora",

@@ -224,3 +224,55 @@ def test_lora_on_a_4bit_base_dequantizes_once_per_forward_and_once_per_backward(
     mask_free.square().sum().backward()
     torch.testing.assert_close(y, mask_free, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpoint_recompute_keeps_its_dequantized_weight_for_backward(monkeypatch, reentrant):
+    """Under activation checkpointing each weight is decoded twice per step, not three times: the recompute
+    (a forward inside backward) keeps its copy for the backward right after it, which frees it. Gradients
+    are bit-identical to the same layers without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    from cura.nn import linear4bit
+    from cura.quant.tensor import QuantizedTensor
+
+    first, second = _layer(out_features=96, in_features=80, seed=1), _layer(out_features=48, in_features=96)
+
+    def block(x):
+        return second(torch.nn.functional.silu(first(x)))
+
+    x = torch.randn(6, 80)
+    grad_out = torch.randn(6, 48)
+    x_plain = x.clone().requires_grad_()
+    block(x_plain).backward(grad_out)
+    bias_grads = [first.bias.grad.clone(), second.bias.grad.clone()]
+    first.zero_grad(), second.zero_grad()
+
+    calls = []
+    real = QuantizedTensor.dequantize
+
+    def counting(self, *args, **kwargs):
+        calls.append(tuple(self.shape))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(QuantizedTensor, "dequantize", counting)
+    x_ckpt = x.clone().requires_grad_()
+    y = checkpoint(block, x_ckpt, use_reentrant=reentrant)
+    assert len(calls) == 2  # the forward, no grad kept
+    y.backward(grad_out)
+    assert len(calls) == 4, calls  # + the recompute; backward reused its copies
+    assert not linear4bit._recomputed  # each kept copy was freed by its backward
+    assert torch.equal(x_ckpt.grad, x_plain.grad)
+    assert torch.equal(first.bias.grad, bias_grads[0]) and torch.equal(second.bias.grad, bias_grads[1])
+
+
+def test_no_copy_is_kept_outside_a_recompute():
+    """A plain forward + backward (no checkpointing) and a forward whose input needs no gradient keep nothing."""
+    from cura.nn import linear4bit
+
+    layer = _layer()
+    layer(torch.randn(3, 80, requires_grad=True)).sum().backward()
+    with torch.no_grad():
+        layer(torch.randn(3, 80))
+    layer(torch.randn(3, 80)).sum().backward()  # only the bias needs a gradient
+    assert not linear4bit._recomputed

@@ -380,6 +380,7 @@ def dynamic_peak(shape, s: PlanSpec, folder) -> tuple[int, int]:
         peak = max(peak, live)
     p = plan(shape, s)
     fixed = ("quantized base weights", "quantization constants", "embeddings, lm_head, norms", "LoRA adapters",
+             "dequantize scratch",
              "optimizer state", "framework overhead")  # fmt: skip
     return peak, p.peak_bytes - sum(p.term(t) for t in fixed)
 

@@ -3,7 +3,8 @@
 cura's side is the training stack itself (`attach_lora`, `cura.train.steps.loss_sum`, `PagedAdamW`,
 gradient clipping, `lr_lambda`); PEFT's is `get_peft_model` + transformers' own loss + `torch.optim.AdamW`
 + transformers' cosine schedule. Both start from the same base and the same A/B weights (B non-zero, so
-gradients reach A too). Tolerance: float32 round-off only (rtol 1e-5).
+gradients reach A too). Tolerance: float32 round-off only (rtol 1e-5; absolute error relative to each tensor's
+scale, as the op order differs: chunked loss, one addmm for the LoRA update).
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def test_lora_gradients_match_peft(arch):
     assert set(mine) == set(peft_params) and len(mine) > 0
     for name, param in mine.items():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
-        torch.testing.assert_close(param.grad, peft_params[name].grad, rtol=1e-5, atol=1e-8, msg=name)
+        ref = peft_params[name].grad  # round-off is relative to the tensor's scale, not to each element's
+        torch.testing.assert_close(param.grad, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item(), msg=name)
 
 
 def test_five_step_training_trajectory_matches_peft():
@@ -107,7 +109,10 @@ def test_five_step_training_trajectory_matches_peft():
         losses.append(pair)
         assert pair[0] == pytest.approx(pair[1], rel=1e-5), (step, pair)
     for name in names:
-        torch.testing.assert_close(mine[name].detach(), peft_params[name].detach(), rtol=1e-5, atol=1e-7)
+        # AdamW's step is g / (|g| + eps)-like: on an element whose gradient is within a few eps of 0, float32
+        # round-off moves that one step by up to ~lr / 500 (measured 1e-5 on an AMD EPYC); a wrong gradient
+        # or update moves every element by O(lr) and the per-step losses above already catch it.
+        torch.testing.assert_close(mine[name].detach(), peft_params[name].detach(), rtol=1e-5, atol=LR / 100)
     moved = max((mine[n].detach() - adapter_start).abs().max() for n, adapter_start in _start(names))
     assert moved > 1e-3
 

@@ -183,14 +183,35 @@ def loss_grad_buffer(shape: ModelShape, spec: PlanSpec) -> int:
 
 
 def dequantized_bytes(n: int, spec: PlanSpec) -> int:
-    """The transient full-precision copy of an n-element 4-bit weight that `Linear4bit` makes for one matmul:
-    on a CPU float32, then cast to e where e != 4: n * (4 + e) bytes; on CUDA the Triton kernel writes e
-    directly (`cura.quant.triton_kernels`): n * e; 0 without QLoRA."""
-    if spec.method != "qlora":
+    """The transient full-precision copy of an n-element 4-bit weight that `Linear4bit` makes for one matmul
+    on CUDA, where the Triton kernel writes e directly (`cura.quant.triton_kernels`): n * e. On a CPU the copy
+    goes into the step-long scratch buffer (`dequant_scratch`) instead: 0 here; 0 without QLoRA."""
+    if spec.method != "qlora" or spec.device != "cuda":
         return 0
-    if spec.device == "cuda":
-        return n * spec.e
-    return n * (4 + (spec.e if spec.e != 4 else 0))
+    return n * spec.e
+
+
+def dequant_scratch(shape: ModelShape, spec: PlanSpec) -> Term:
+    """CPU QLoRA: the scratch buffer every 4-bit matmul dequantizes into (`cura.nn.linear4bit.
+    dequantize_for_matmul`), grown to the largest decoder linear in e on the first forward and kept for the
+    run, so persistent: max(in * out) * e. One per thread that runs a step (the training thread; autograd's
+    CPU backward runs on it too). 0 on CUDA and without QLoRA."""
+    name = "dequantize scratch"
+    if spec.method != "qlora" or spec.device == "cuda":
+        return Term(name, 0, "none (no 4-bit base on a CPU)")
+    n = max(a * b for a, b in shape.linears().values())
+    return Term(
+        name, n * spec.e, f"largest 4-bit linear ({n / 1e6:.3g}M) x {spec.e} B, reused by every matmul"
+    )
+
+
+def recomputed_weights_bytes(shape: ModelShape, spec: PlanSpec) -> int:
+    """CPU QLoRA under checkpointing: the dequantized copies a layer's recompute keeps for its backward
+    (`cura.nn.linear4bit._recomputed`), each alive from the recompute until its own matmul's backward: every
+    4-bit linear of the layer in e, sum(in * out) * e. 0 on CUDA, without checkpointing and without QLoRA."""
+    if spec.method != "qlora" or spec.device == "cuda" or not spec.gradient_checkpointing:
+        return 0
+    return shape.linear_params_per_layer * spec.e
 
 
 def layer_backward_buffers(shape: ModelShape, spec: PlanSpec) -> int:
@@ -206,22 +227,29 @@ def layer_backward_buffers(shape: ModelShape, spec: PlanSpec) -> int:
         A  down_proj's backward: what its LoRA path saved is freed; the base and LoRA input gradients
            (2 * N*I*e) and the dequantized weight are alive
         B  the product's backward (or A's accumulation of the two gradients into a third): 3 * N*I*e
+
+    On a CPU the recompute's dequantized copies of the layer's weights (`recomputed_weights_bytes`) are
+    alive at R and A, and all but down_proj's at B (the scratch buffer is a persistent term, `dequant_scratch`).
     """
     n, e = spec.tokens, spec.e
     i, h = shape.intermediate_size, shape.hidden_size
     targets = lora_targets(shape, spec)
     weight = dequantized_bytes(i * h, spec)
+    kept = recomputed_weights_bytes(shape, spec)
     lora_saved = 0  # what down_proj's LoRA path saves for its input
     if "down_proj" in targets:
         lora_saved = n * spec.lora_r * e
         lora_saved += n * i * (dropout_mask_bytes(spec) + e) if spec.lora_dropout > 0 else n * i * e
     product = 0 if saves_input("down_proj", targets, spec) else n * i * e
     moments = [
-        -lora_saved + 2 * n * i * e + weight,  # A
-        -lora_saved + 3 * n * i * e,  # B
+        -lora_saved + 2 * n * i * e + weight + kept,  # A
+        -lora_saved + 3 * n * i * e + (kept - i * h * e if kept else 0),  # B
     ]
     if spec.gradient_checkpointing:
-        moments += [product + 2 * n * h * e, -lora_saved + product + weight + n * h * e]  # R
+        moments += [
+            product + 2 * n * h * e + kept,
+            -lora_saved + product + weight + n * h * e + kept,
+        ]  # R
     return n * h * e + max(moments)
 
 

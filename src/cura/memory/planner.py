@@ -5,7 +5,8 @@
 A pure function of the model's shape (`cura.memory.shapes`) and the run's settings (`PlanSpec`, which
 `cura.train.plan.plan_spec` builds from a `TrainConfig`, so no default lives here). It models what cura's own training step keeps alive: the loop in
 `cura.train.steps.optimizer_step`, the chunked loss in `cura.train.steps.loss_sum`, `Linear4bit` (saves only
-the 4-bit weight for backward, dequantizes a transient copy per matmul), `LoRALinear`, transformers' Llama
+the 4-bit weight for backward; on a CPU dequantizes into one reused scratch buffer, and a checkpointed
+layer's recompute keeps its copies for that layer's backward), `LoRALinear`, transformers' Llama
 block under non-reentrant gradient checkpointing, and `PagedAdamW`.
 
 The step has four candidate peaks, each the persistent memory (weights, adapters, optimizer state, framework)
@@ -38,6 +39,7 @@ from collections.abc import Callable
 from cura.memory import sharding
 from cura.memory.activations import (
     all_reduce_buffers,
+    dequant_scratch,
     final_norm_and_gather,
     first_recorded_group,
     framework_overhead,
@@ -132,7 +134,11 @@ def _activation_phases(shape: ModelShape, spec: PlanSpec) -> dict[str, dict[str,
             "logits and loss": 0,
             "working buffers": buffers,
         },
-        "update": {"activations": 0, "logits and loss": 0, "working buffers": update_buffers(shape, spec)},
+        "update": {
+            "activations": 0,
+            "logits and loss": 0,
+            "working buffers": update_buffers(shape, spec),
+        },
     }
     if spec.world_size > 1 and spec.fsdp:  # FSDP2 reduce-scatters each layer's gradients in backward
         phases["first_layer"]["working buffers"] += sharding.reduce_scatter_buffers(shape, spec)
@@ -176,6 +182,7 @@ def plan(shape: ModelShape, spec: PlanSpec) -> MemoryPlan:
         full_precision_linears(shape, spec),
         other_parameters(shape, spec),
         adapters(shape, spec),
+        dequant_scratch(shape, spec),
     ]
     state, host = optimizer_state(shape, spec)
     phases = _activation_phases(shape, spec)

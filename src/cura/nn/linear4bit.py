@@ -3,9 +3,12 @@
     y = x @ dequant(W4)^T (+ bias)
 
 The autograd function saves only the 4-bit weight (packed codes and block scales; x is not needed because
-W is frozen) and dequantizes again in backward, ``dL/dx = dL/dy @ dequant(W4)``: a dequantized copy never
-outlives one matmul (on a CPU it goes into one reused scratch buffer per thread and dtype,
-`dequantize_for_matmul`). The 4-bit tensors are buffers (they follow ``module.to(device)`` and never appear in
+W is frozen) and dequantizes again in backward, ``dL/dx = dL/dy @ dequant(W4)``: in a plain forward a
+dequantized copy never outlives one matmul (on a CPU it goes into one reused scratch buffer per thread and
+dtype, `dequantize_for_matmul`). On a CPU under activation checkpointing, the forward that backward reruns
+(the recompute, one layer at a time) keeps its dequantized copy for the backward that follows it
+(`_recomputed`), so each weight is decoded twice per step instead of three times, at the price of one
+layer's weights in the compute dtype while that layer's backward runs (counted by `cura.memory`). The 4-bit tensors are buffers (they follow ``module.to(device)`` and never appear in
 ``parameters()``); ``state_dict()`` holds exactly the keys transformers + bitsandbytes write for the layer
 (``weight``, ``weight.absmax``, ``weight.quant_map``, ..., ``bias``), and ``load_state_dict`` reads them.
 """
@@ -50,8 +53,23 @@ def dequantize_for_matmul(weight: QuantizedTensor, dtype: torch.dtype) -> torch.
     return weight.dequantize(dtype, out=buffer[: weight.numel])
 
 
+_recomputed: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+"""Dequantized weights made by a recompute (a forward run inside backward, as activation checkpointing does)
+for the backward of the same matmul, keyed by the packed tensor's address and the dtype. Side channel
+rather than ``ctx``: non-reentrant checkpointing runs backward on the original forward's ``ctx`` and only
+swaps in the tensors the recompute saved, so what the recompute keeps must travel outside autograd (and
+must not change how many tensors it saves). Each entry lives from the recompute to that backward."""
+
+
+def _in_recompute(x: torch.Tensor) -> bool:
+    """Whether this CPU forward runs inside a backward pass (a checkpointed layer's recompute) and its
+    backward will follow: only then is a dequantized copy worth keeping."""
+    return x.device.type == "cpu" and x.requires_grad and torch._C._current_graph_task_id() != -1
+
+
 class _Dequantized4bitMatmul(torch.autograd.Function):
-    """``x @ dequant(W)^T``; saves the 4-bit tensors only and dequantizes them again in backward."""
+    """``x @ dequant(W)^T``; saves the 4-bit tensors only and dequantizes them again in backward (except
+    after a CPU recompute, which leaves its copy in `_recomputed`)."""
 
     @staticmethod
     def forward(ctx, x, weight: QuantizedTensor, dtype: torch.dtype, packed, absmax, nested_absmax):
@@ -61,15 +79,19 @@ class _Dequantized4bitMatmul(torch.autograd.Function):
         ctx.save_for_backward(packed, absmax, nested_absmax)
         if matmul_backend(x.device, x.numel() // max(1, x.shape[-1]), dtype) == "fused":
             return triton_kernels.matmul_4bit(x, weight, dtype)
+        if _in_recompute(x):
+            w = _recomputed[(packed.data_ptr(), dtype)] = weight.dequantize(dtype)
+            return x @ w.t()
         return x @ dequantize_for_matmul(weight, dtype).t()
 
     @staticmethod
     def backward(ctx, grad_out):
         packed, absmax, nested_absmax = ctx.saved_tensors  # keeps them alive (and version-checked)
-        grad_x = (
-            grad_out @ dequantize_for_matmul(ctx.weight, grad_out.dtype) if ctx.needs_input_grad[0] else None
-        )
-        return grad_x, None, None, None, None, None
+        kept = _recomputed.pop((packed.data_ptr(), grad_out.dtype), None)
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        w = kept if kept is not None else dequantize_for_matmul(ctx.weight, grad_out.dtype)
+        return grad_out @ w, None, None, None, None, None
 
 
 def matmul_backend(device: torch.device, rows: int, dtype: torch.dtype) -> str:
