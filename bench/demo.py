@@ -2,6 +2,7 @@
 can stand in for, with its before/after scores.
 
     python bench/demo.py [--kinds native,avx2] [--fresh-cache]     -> bench/results/demo.json
+    git worktree add /tmp/cura-before ed7e197 && python bench/demo.py --fresh-cache --before /tmp/cura-before
 
 Kinds:
 - ``native``: the machine as it is (`compute_dtype auto`: bfloat16 where AVX512-BF16/AMX exists);
@@ -13,6 +14,10 @@ Kinds:
 Kinds run now replace the same kinds in the results file; the others are kept.
 Each run is a subprocess with its own output folder; `--fresh-cache` also converts the bundled GGUF again, as
 on a new machine. The machine is shared: the load average is recorded beside each time.
+
+`--before DIR` also runs the demo of another checkout of cura (its `src` first on PYTHONPATH), interleaved
+with this one per kind (before, after), and records it under "before" with the after/before ratios of step
+time and training time: how much faster the demo got on this machine.
 """
 
 from __future__ import annotations
@@ -39,10 +44,12 @@ KINDS = {
 }
 
 
-def run_kind(kind: str, fresh_cache: bool) -> dict:
+def run_kind(kind: str, fresh_cache: bool, source: Path | None = None) -> dict:
     env_extra, flags = KINDS[kind]
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, **env_extra}
+        if source is not None:  # that checkout's cura, not this one's
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source / "src"), env.get("PYTHONPATH")]))
         if fresh_cache:
             env["CURA_CACHE"] = str(Path(tmp) / "cache")
         out = Path(tmp) / "run"
@@ -86,19 +93,49 @@ def main() -> None:
     )
     parser.add_argument("--kinds", default="native,avx2")
     parser.add_argument("--fresh-cache", action="store_true")
+    parser.add_argument("--before", type=Path, default=None, help="another cura checkout to compare with")
     args = parser.parse_args()
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    results = {kind: run_kind(kind, args.fresh_cache) for kind in kinds}
-    for kind, r in results.items():
-        print(
-            f"{kind}: {r['wall_seconds']:.0f} s, {r['seconds_per_step']} s/step, exact match {r['exact_match']}"
-        )
-    for r in results.values():
+    results, before = {}, {}
+    for kind in kinds:
+        if args.before is not None:
+            before[kind] = run_kind(kind, args.fresh_cache, args.before.resolve())
+        results[kind] = run_kind(kind, args.fresh_cache)
+    for label, rows in (("before ", before), ("", results)):
+        for kind, r in rows.items():
+            print(
+                f"{label}{kind}: {r['wall_seconds']:.0f} s, {r['seconds_per_step']} s/step, "
+                f"exact match {r['exact_match']}"
+            )
+    for r in [*results.values(), *before.values()]:
         r["fresh_cache"] = args.fresh_cache
-    kept = json.loads(RESULTS.read_text()).get("kinds", {}) if RESULTS.exists() else {}
-    kept = {k: v for k, v in kept.items() if k in KINDS and k not in results}
+    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    kept = {k: v for k, v in previous.get("kinds", {}).items() if k in KINDS and k not in results}
     out = {"benchmark": "demo", "machine": describe_machine(), "kinds": {**kept, **results}}
+    if before:
+        out["before"] = {
+            "checkout": _describe_checkout(args.before),
+            "kinds": before,
+            "after_over_before": {
+                kind: {
+                    "seconds_per_step": results[kind]["seconds_per_step"] / b["seconds_per_step"],
+                    "train_wall_seconds": results[kind]["train_wall_seconds"] / b["train_wall_seconds"],
+                    "same_batch_size": results[kind]["batch_size"] == b["batch_size"],
+                }
+                for kind, b in before.items()
+            },
+        }
+    elif "before" in previous and previous.get("machine") == out["machine"]:
+        out["before"] = previous["before"]  # measured on this machine: still a comparison
     write_json(RESULTS, out)
+
+
+def _describe_checkout(folder: Path) -> str:
+    """The commit of a checkout (its short hash and subject), or its path when git cannot tell."""
+    proc = subprocess.run(
+        ["git", "-C", str(folder), "log", "-1", "--format=%h %s"], capture_output=True, text=True
+    )
+    return proc.stdout.strip() or str(folder)
 
 
 if __name__ == "__main__":

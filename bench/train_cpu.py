@@ -529,11 +529,16 @@ def aims_met(kind: dict) -> dict:
     return out
 
 
-def scaling(args, folder: str, budget: Budget) -> dict:
-    """cura_qlora vs peft_bnb_qlora (default dtypes) as sequence length and model size grow."""
+def scaling(args, folder: str, budget: Budget, limits: dict) -> dict:
+    """cura_qlora vs peft_bnb_qlora (default dtypes) as sequence length and model size grow, each point with
+    its MFU: `lora_step_flops` of that shape and size over the GEMM peak of that model's own matmul shapes
+    (`limits` for the bundled model's; measured here for the larger ones)."""
     from cura.memory.allocator import available_memory
+    from cura.memory.flops import lora_step_flops
+    from cura.memory.shapes import shape_from_source
 
-    out: dict = {"sequence": {}, "model_size": {}}
+    out: dict = {"sequence": {}, "model_size": {}, "gemm_peaks": {}}
+    peaks = {folder: limits}
     points = [("sequence", f"seq{t}", folder, (SCALING_TOKENS // t, t)) for t in (256, 512, 1024, 2048)]
     points += [("model_size", name, None, (BATCH, SEQ)) for name in SIZES]
     params = {"smollm2-360m": 362e6, "tinyllama-1.1b": 1.1e9}
@@ -566,9 +571,26 @@ def scaling(args, folder: str, budget: Budget) -> dict:
             }
             res = run_child(spec, {}, timeout=max(60, budget.left()))
             out[section].setdefault(label, {})[mode] = res
+            if model not in peaks:
+                gemm = {
+                    "task": "gemm",
+                    "folder": model,
+                    "tokens": BATCH * SEQ,
+                    "dtypes": list(limits["dtypes"]),
+                }
+                peaks[model] = run_child(gemm, {}, timeout=300)
+                out["gemm_peaks"][label] = {
+                    k: v["peak_flops"] for k, v in peaks[model].get("dtypes", {}).items()
+                }
+            peak = peaks[model].get("dtypes", {}).get(res.get("dtype"), {}).get("peak_flops")
+            if "median_step_seconds" in res and peak:
+                flops = lora_step_flops(
+                    shape_from_source(model), size[0], size[1], RANK, tuple(TARGETS), checkpointing=True
+                ).total
+                res["mfu"] = flops / res["median_step_seconds"] / peak
             if "error" not in res:
                 say(
-                    f"[scaling] {label:16} {mode:16} {res['median_step_seconds']:.2f} s/step {res['peak_rss_bytes'] / 2**20:.0f} MiB"
+                    f"[scaling] {label:16} {mode:16} {res['median_step_seconds']:.2f} s/step {res['peak_rss_bytes'] / 2**20:.0f} MiB, MFU {res.get('mfu', 0):.1%}"
                 )
         row = out[section][label]
         r = ratio(row, "cura_qlora", "peft_bnb_qlora", "median_step_seconds")
@@ -687,7 +709,12 @@ def run_all(args, budget: Budget) -> dict:
             if base and "median_step_seconds" in r:
                 r["speedup_over_1_thread"] = base / r["median_step_seconds"]
         report["threads"] = {"physical_cores": cores, "by_threads": threads}
-        report["scaling"] = scaling(args, folder, budget)
+        native = report["kinds"].get("native", {}).get("limits", {})
+        report["scaling"] = (
+            scaling(args, folder, budget, native)
+            if native.get("dtypes")
+            else {"skipped": "the native kind's GEMM limits were not measured"}
+        )
     return report
 
 
