@@ -23,7 +23,10 @@ Sections, each mode in its own subprocess (so peak RSS is its own), on each CPU 
       cura_qlora[_fp32]       cura on the NF4 + double-quantization base, PagedAdamW
   (cura's unsuffixed modes use its default `compute_dtype: auto`);
 - ablations: cura_qlora with one speed change undone at a time (`undo`: torch's Bernoulli dropout, no
-  shared-input groups, no recompute-kept weights, no scratch buffer, PEFT's three-pass LoRA update), same run;
+  shared-input groups, no recompute-kept weights, no scratch buffer, PEFT's three-pass LoRA update), same run,
+  each in its own process;
+- interleaved (`--interleaved-only`, merged into the results file): the swappable ones (`patch`) undone in
+  turn step by step inside one process, on the demo's shape and on the benchmark's, per CPU kind;
 - profile: one cura_qlora step under torch.profiler, self CPU time by op family (matmul, dequantize,
   attention, norm/activation/elementwise, dropout, loss, optimizer, allocator, untraced Python);
 - threads: cura_qlora at 1 thread and at every power of two up to this machine's physical cores;
@@ -146,26 +149,32 @@ def run_cura(
     dtype: str,
     size: tuple[int, int] = (BATCH, SEQ),
     ablation: str | None = None,
+    dropout: float = 0.05,
+    packing: bool = False,
 ):
     import torch
 
     from cura.adapters import LoraConfig
+    from cura.data import DataConfig
     from cura.train import TrainConfig, build_run
+    from cura.train.measure import synthetic_batch
 
     config = TrainConfig(
         model=folder,
         method="qlora" if quantized else "lora",
         compute_dtype=dtype,
-        lora=LoraConfig(r=RANK, alpha=ALPHA, dropout=0.05),
+        lora=LoraConfig(r=RANK, alpha=ALPHA, dropout=dropout),
         schedule="constant",
         batch_size=size[0],
+        data=DataConfig(max_length=size[1], packing=packing),
     )
     run = build_run(config, torch.device("cpu"), with_data=False)  # the setup of `cura train` itself
     undo(run.model, ablation)
     vocab = run.model.config.vocab_size
 
     def step(i):
-        return run.step([batch(vocab, i, size)])["loss"]
+        rows = synthetic_batch(vocab, size[0], size[1], True, i) if packing else batch(vocab, i, size)
+        return run.step([rows])["loss"]
 
     return step
 
@@ -178,7 +187,31 @@ def mode_dtype(mode: str) -> str:
     return "auto"  # cura's default
 
 
-ABLATIONS = ("before", "ungrouped", "unkept", "fresh", "three_pass")
+PATCHES = ("unkept", "fresh", "three_pass")  # the speed changes `interleaved` can swap inside one process
+
+
+def patch(variant: str) -> None:
+    """Set the module globals of cura's swappable speed changes for `variant` ("current" or one of PATCHES,
+    as in `undo`); the next step runs with them."""
+    import torch.nn.functional as F
+
+    from cura.nn import linear4bit, lora
+
+    if not hasattr(patch, "originals"):
+        patch.originals = (linear4bit._in_recompute, linear4bit.dequantize_for_matmul, lora.add_update)
+    in_recompute, dequantize_for_matmul, add_update = patch.originals
+    linear4bit._in_recompute = (lambda x: False) if variant in ("unkept", "fresh") else in_recompute
+    linear4bit.dequantize_for_matmul = (
+        (lambda weight, dtype: weight.dequantize(dtype)) if variant == "fresh" else dequantize_for_matmul
+    )
+    lora.add_update = (
+        (lambda result, low_rank, b, scale: result + F.linear(low_rank, b) * scale)
+        if variant == "three_pass"
+        else add_update
+    )
+
+
+ABLATIONS = ("before", "ungrouped", *PATCHES)
 
 
 def undo(model, ablation: str | None) -> None:
@@ -188,20 +221,14 @@ def undo(model, ablation: str | None) -> None:
     layer's recompute does not keep its dequantized weights for backward: three decodes per weight per step
     instead of two), "fresh" (unkept, and every dequantization into a fresh tensor instead of the scratch
     buffer), "three_pass" (PEFT's ``result + (x A^T B^T) * scale`` instead of one addmm)."""
-    import torch.nn.functional as F
     from torch import nn
 
-    from cura.nn import linear4bit, lora
     from cura.nn.lora import LoRALinear
 
     if ablation not in (None, *ABLATIONS):
         raise ValueError(f"unknown ablation {ablation}")
-    if ablation in ("unkept", "fresh"):
-        linear4bit._in_recompute = lambda x: False
-    if ablation == "fresh":
-        linear4bit.dequantize_for_matmul = lambda weight, dtype: weight.dequantize(dtype)
-    if ablation == "three_pass":
-        lora.add_update = lambda result, low_rank, b, scale: result + F.linear(low_rank, b) * scale
+    if ablation in PATCHES:
+        patch(ablation)
     if ablation not in ("before", "ungrouped"):
         return
     for m in model.modules():
@@ -257,6 +284,62 @@ def child_mode(spec: dict) -> dict:
         "load_seconds": load_seconds,
         "losses": losses,
     }
+
+
+def child_interleaved(spec: dict) -> dict:
+    """cura_qlora with each swappable speed change undone in turn, step by step in one process (current,
+    unkept, fresh, three_pass, current, ...): the same model, data stream and allocator state for all, so
+    the ratios are not blurred by process-to-process noise as separate runs are."""
+    import torch
+
+    torch.set_num_threads(spec.get("threads", 2))
+    torch.manual_seed(0)
+    size = tuple(spec["size"])
+    step = run_cura(True, spec["folder"], "auto", size, None, spec["dropout"], spec["packing"])
+    variants = ("current", *PATCHES)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    i = 0
+    for r in range(spec["rounds"] + 1):  # round 0 warms every variant up
+        for v in variants:
+            patch(v)
+            t = time.perf_counter()
+            step(i)
+            i += 1
+            if r:
+                times[v].append(time.perf_counter() - t)
+    patch("current")
+    med = {v: statistics.median(ts) for v, ts in times.items()}
+    return {
+        "batch_x_seq": list(size),
+        "dropout": spec["dropout"],
+        "packing": spec["packing"],
+        "rounds": spec["rounds"],
+        "median_step_seconds": med,
+        "step_seconds": times,
+        "current_over_variant": {v: med["current"] / med[v] for v in PATCHES},
+    }
+
+
+def interleaved(args, folder: str) -> dict:
+    """Per CPU kind, the demo's shape (dropout 0, packed rows, its batch size for the kind's dtype) and the
+    benchmark's (dropout 0.05, 4 x 256), each in one process with the variants interleaved."""
+    out = {}
+    for kind in args.kinds.split(","):
+        demo_batch = 2 if kind == "avx2" else 4  # cura.demo: float32 compute trains on half-size batches
+        configs = {
+            "demo": {"size": [demo_batch, SEQ], "dropout": 0.0, "packing": True},
+            "bench": {"size": [BATCH, SEQ], "dropout": 0.05, "packing": False},
+        }
+        out[kind] = {}
+        for name, config in configs.items():
+            spec = {"task": "interleaved", "folder": folder, "rounds": args.rounds_ab, **config}
+            res = out[kind][name] = run_child(spec, KINDS[kind], timeout=1800)
+            if "error" not in res:
+                say(
+                    f"[{kind}] interleaved {name}: current {res['median_step_seconds']['current']:.2f} s/step; "
+                    + ", ".join(f"current/{v} {r:.3f}" for v, r in res["current_over_variant"].items())
+                )
+    return out
 
 
 def step_gemms(shape, tokens: int) -> list[tuple[str, int, int, int]]:
@@ -613,12 +696,35 @@ def main() -> None:
     parser.add_argument(
         "--budget", type=float, default=None, help="seconds for the whole run (default 900, quick 200)"
     )
+    parser.add_argument(
+        "--interleaved-only",
+        action="store_true",
+        help="only the interleaved in-process A/B of the swappable speed changes, merged into the results file",
+    )
+    parser.add_argument("--rounds-ab", type=int, default=5, help="rounds of the interleaved A/B")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         spec = json.loads(args.child)
-        task = {"mode": child_mode, "gemm": child_gemm, "profile": child_profile}[spec["task"]]
-        print(json.dumps(task(spec)))
+        tasks = {
+            "mode": child_mode,
+            "gemm": child_gemm,
+            "profile": child_profile,
+            "interleaved": child_interleaved,
+        }
+        print(json.dumps(tasks[spec["task"]](spec)))
+        return
+    if args.interleaved_only:
+        from cura.models import resolve_source
+        from cura.models.loading import hf_folder
+
+        path = Path(__file__).parent / "results" / "train_cpu.json"
+        report = json.loads(path.read_text()) if path.exists() else {"benchmark": "train_cpu"}
+        report["interleaved"] = {
+            "machine": describe_machine(),
+            "kinds": interleaved(args, str(hf_folder(*resolve_source("smollm2-135m")))),
+        }
+        write_json(path, report)
         return
     args.steps = args.steps or (2 if args.quick else 4)
     budget = Budget(args.budget or (200 if args.quick else 900))

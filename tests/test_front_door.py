@@ -93,6 +93,19 @@ def test_demo_is_lighter_where_compute_is_float32():
     assert demo_settings({"compute_dtype": "float32", "batch_size": 8})["batch_size"] == 8  # the user wins
 
 
+def test_demo_skips_checkpointing_only_where_memory_is_plenty(monkeypatch):
+    import cura.demo
+    from cura.demo import NO_CHECKPOINTING_NEEDS, demo_settings
+
+    monkeypatch.setattr(cura.demo, "available_memory", lambda: NO_CHECKPOINTING_NEEDS * 4)
+    assert demo_settings({})["gradient_checkpointing"] is False
+    assert demo_settings({"gradient_checkpointing": True})["gradient_checkpointing"] is True  # the user wins
+    monkeypatch.setattr(cura.demo, "available_memory", lambda: NO_CHECKPOINTING_NEEDS // 2)
+    assert demo_settings({})["gradient_checkpointing"] is True
+    monkeypatch.setattr(cura.demo, "available_memory", lambda: None)  # not Linux: the safe choice
+    assert demo_settings({})["gradient_checkpointing"] is True
+
+
 def test_demo_says_how_long_it_will_take():
     from cura.demo import ANSWERS_IN_STEPS, expected_duration
 
