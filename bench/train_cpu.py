@@ -323,9 +323,11 @@ def child_interleaved(spec: dict) -> dict:
 def interleaved(args, folder: str) -> dict:
     """Per CPU kind, the demo's shape (dropout 0, packed rows, its batch size for the kind's dtype) and the
     benchmark's (dropout 0.05, 4 x 256), each in one process with the variants interleaved."""
+    from cura.demo import DEMO, DEMO_FLOAT32
+
     out = {}
     for kind in args.kinds.split(","):
-        demo_batch = 2 if kind == "avx2" else 4  # cura.demo: float32 compute trains on half-size batches
+        demo_batch = (DEMO_FLOAT32 if kind == "avx2" else DEMO)["batch_size"]  # float32 there: half-size
         configs = {
             "demo": {"size": [demo_batch, SEQ], "dropout": 0.0, "packing": True},
             "bench": {"size": [BATCH, SEQ], "dropout": 0.05, "packing": False},

@@ -182,6 +182,11 @@ def loss_grad_buffer(shape: ModelShape, spec: PlanSpec) -> int:
     return spec.trained_tokens * shape.hidden_size * spec.e if chunks > 1 else 0
 
 
+def _cpu_qlora(spec: PlanSpec) -> bool:
+    """A 4-bit base decoded on a CPU: `Linear4bit`'s scratch buffer and recompute-kept copies exist."""
+    return spec.method == "qlora" and spec.device != "cuda"
+
+
 def dequantized_bytes(n: int, spec: PlanSpec) -> int:
     """The transient full-precision copy of an n-element 4-bit weight that `Linear4bit` makes for one matmul
     on CUDA, where the Triton kernel writes e directly (`cura.quant.triton_kernels`): n * e. On a CPU the copy
@@ -197,7 +202,7 @@ def dequant_scratch(shape: ModelShape, spec: PlanSpec) -> Term:
     run, so persistent: max(in * out) * e. One per thread that runs a step (the training thread; autograd's
     CPU backward runs on it too). 0 on CUDA and without QLoRA."""
     name = "dequantize scratch"
-    if spec.method != "qlora" or spec.device == "cuda":
+    if not _cpu_qlora(spec):
         return Term(name, 0, "none (no 4-bit base on a CPU)")
     n = max(a * b for a, b in shape.linears().values())
     return Term(
@@ -209,7 +214,7 @@ def recomputed_weights_bytes(shape: ModelShape, spec: PlanSpec) -> int:
     """CPU QLoRA under checkpointing: the dequantized copies a layer's recompute keeps for its backward
     (`cura.nn.linear4bit._recomputed`), each alive from the recompute until its own matmul's backward: every
     4-bit linear of the layer in e, sum(in * out) * e. 0 on CUDA, without checkpointing and without QLoRA."""
-    if spec.method != "qlora" or spec.device == "cuda" or not spec.gradient_checkpointing:
+    if not (_cpu_qlora(spec) and spec.gradient_checkpointing):
         return 0
     return shape.linear_params_per_layer * spec.e
 

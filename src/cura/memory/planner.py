@@ -134,11 +134,7 @@ def _activation_phases(shape: ModelShape, spec: PlanSpec) -> dict[str, dict[str,
             "logits and loss": 0,
             "working buffers": buffers,
         },
-        "update": {
-            "activations": 0,
-            "logits and loss": 0,
-            "working buffers": update_buffers(shape, spec),
-        },
+        "update": {"activations": 0, "logits and loss": 0, "working buffers": update_buffers(shape, spec)},
     }
     if spec.world_size > 1 and spec.fsdp:  # FSDP2 reduce-scatters each layer's gradients in backward
         phases["first_layer"]["working buffers"] += sharding.reduce_scatter_buffers(shape, spec)

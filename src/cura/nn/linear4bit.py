@@ -8,9 +8,11 @@ dequantized copy never outlives one matmul (on a CPU it goes into one reused scr
 dtype, `dequantize_for_matmul`). On a CPU under activation checkpointing, the forward that backward reruns
 (the recompute, one layer at a time) keeps its dequantized copy for the backward that follows it
 (`_recomputed`), so each weight is decoded twice per step instead of three times, at the price of one
-layer's weights in the compute dtype while that layer's backward runs (counted by `cura.memory`). The 4-bit tensors are buffers (they follow ``module.to(device)`` and never appear in
-``parameters()``); ``state_dict()`` holds exactly the keys transformers + bitsandbytes write for the layer
-(``weight``, ``weight.absmax``, ``weight.quant_map``, ..., ``bias``), and ``load_state_dict`` reads them.
+layer's weights in the compute dtype while that layer's backward runs (counted by `cura.memory`).
+
+The 4-bit tensors are buffers (they follow ``module.to(device)`` and never appear in ``parameters()``);
+``state_dict()`` holds exactly the keys transformers + bitsandbytes write for the layer (``weight``,
+``weight.absmax``, ``weight.quant_map``, ..., ``bias``), and ``load_state_dict`` reads them.
 """
 
 import threading
