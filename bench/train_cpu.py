@@ -187,7 +187,8 @@ def mode_dtype(mode: str) -> str:
     return "auto"  # cura's default
 
 
-PATCHES = ("unkept", "fresh", "three_pass")  # the speed changes `interleaved` can swap inside one process
+# the speed changes `interleaved` can swap inside one process
+PATCHES = ("unkept", "fresh", "three_pass", "checkpointed_loss")
 
 
 def patch(variant: str) -> None:
@@ -196,10 +197,13 @@ def patch(variant: str) -> None:
     import torch.nn.functional as F
 
     from cura.nn import linear4bit, lora
+    from cura.train import steps
 
     if not hasattr(patch, "originals"):
-        patch.originals = (linear4bit._in_recompute, linear4bit.dequantize_for_matmul, lora.add_update)
-    in_recompute, dequantize_for_matmul, add_update = patch.originals
+        patch.originals = (
+            linear4bit._in_recompute, linear4bit.dequantize_for_matmul, lora.add_update, steps._frozen
+        )  # fmt: skip
+    in_recompute, dequantize_for_matmul, add_update, frozen = patch.originals
     linear4bit._in_recompute = (lambda x: False) if variant in ("unkept", "fresh") else in_recompute
     linear4bit.dequantize_for_matmul = (
         (lambda weight, dtype: weight.dequantize(dtype)) if variant == "fresh" else dequantize_for_matmul
@@ -209,6 +213,7 @@ def patch(variant: str) -> None:
         if variant == "three_pass"
         else add_update
     )
+    steps._frozen = (lambda head: False) if variant == "checkpointed_loss" else frozen
 
 
 ABLATIONS = ("before", "ungrouped", *PATCHES)
@@ -220,7 +225,8 @@ def undo(model, ablation: str | None) -> None:
     dropout, but one mask and one A matmul per layer: no `SharedInputGroup`), "unkept" (a checkpointed
     layer's recompute does not keep its dequantized weights for backward: three decodes per weight per step
     instead of two), "fresh" (unkept, and every dequantization into a fresh tensor instead of the scratch
-    buffer), "three_pass" (PEFT's ``result + (x A^T B^T) * scale`` instead of one addmm)."""
+    buffer), "three_pass" (PEFT's ``result + (x A^T B^T) * scale`` instead of one addmm), "checkpointed_loss"
+    (each loss chunk checkpointed, its logits made again in backward, instead of `_HeadLoss`)."""
     from torch import nn
 
     from cura.nn.lora import LoRALinear

@@ -17,7 +17,7 @@ from transformers import get_cosine_schedule_with_warmup
 from cura.adapters import LoraConfig, adapter_state_dict, attach_lora, lora_layers
 from cura.constants import IGNORE_INDEX
 from cura.optim import PagedAdamW
-from cura.train.steps import loss_sum, lr_lambda
+from cura.train.steps import count_trained_tokens, loss_sum, lr_lambda
 from tiny import VOCAB, tiny_model
 
 R, ALPHA, LR, STEPS, CLIP = 4, 8.0, 5e-3, 5, 0.3
@@ -62,7 +62,8 @@ def _batch(seed: int) -> dict[str, torch.Tensor]:
 
 
 def _our_loss(model, batch) -> torch.Tensor:
-    total, n = loss_sum(model, batch, chunk_tokens=7)  # several chunks, as in training
+    n = count_trained_tokens(batch)  # the loss scale, as the training step passes it
+    total, _ = loss_sum(model, batch, chunk_tokens=7, grad_scale=1.0 / n)  # several chunks, as in training
     return total / n
 
 

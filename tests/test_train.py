@@ -88,6 +88,43 @@ def test_loss_sum_matches_transformers(make_tiny):
     torch.testing.assert_close(model.model.layers[0].mlp.up_proj.weight.grad, expected, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("arch,softcap", [("llama", None), ("qwen2", None), ("llama", 5.0)])  # qwen2: tied
+def test_frozen_head_loss_is_bit_identical_to_the_checkpointed_loss(make_tiny, monkeypatch, arch, softcap):
+    """With a frozen output layer (LoRA) each loss chunk makes its gradient in its forward (`_HeadLoss`):
+    the same loss and bit-identical gradients as checkpointing the chunk, for the step's scale and, rescaled,
+    for any other incoming gradient."""
+    from cura.adapters import LoraConfig, attach_lora
+    from cura.train import steps
+
+    model = make_tiny(arch)
+    model.config.final_logit_softcapping = softcap  # as Gemma 2 caps its logits
+    attach_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))
+    torch.manual_seed(1)
+    ids = torch.randint(3, 300, (2, 24))
+    labels = ids.clone()
+    labels[:, :9] = -100
+    batch = {"input_ids": ids, "labels": labels}
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(chunk, fused, factor=1.0):
+        monkeypatch.setattr(steps, "_frozen", lambda head: fused)
+        model.zero_grad()
+        s, n = loss_sum(model, batch, chunk, 1.0 / 29)
+        (s / 29 * factor).backward()
+        return s.detach(), [p.grad.clone() for p in params]
+
+    for chunk in (1, 7, 4096):
+        (s_fused, g_fused), (s_ckpt, g_ckpt) = grads(chunk, True), grads(chunk, False)
+        assert torch.equal(s_fused, s_ckpt)
+        assert all(torch.equal(a, b) for a, b in zip(g_fused, g_ckpt, strict=True))
+    _, g_fused = grads(5, True, factor=3.0)
+    _, g_ckpt = grads(5, False, factor=3.0)
+    for a, b in zip(g_fused, g_ckpt, strict=True):  # float32 round-off, relative to each tensor's scale
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+    monkeypatch.undo()
+    assert steps._frozen(model.get_output_embeddings())
+
+
 def test_schedules():
     cosine = lr_lambda("cosine", 2, 10)
     assert [round(cosine(s), 4) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]

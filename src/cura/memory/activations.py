@@ -168,18 +168,23 @@ def final_norm_and_gather(shape: ModelShape, spec: PlanSpec) -> int:
 
 
 def loss_chunk_bytes(shape: ModelShape, spec: PlanSpec) -> int:
-    """Peak of one loss chunk's backward: c = min(loss_chunk_tokens, N') positions at a time, under
-    activation checkpointing (`cura.train.steps`): the recomputed float32 log-softmax (c, V) saved by
-    cross-entropy, the gradient arriving at it and the gradient it passes to the logits: 3 * c * V * 4.
-    The full (N', V) logits never exist."""
+    """Peak of one loss chunk's backward, c = min(loss_chunk_tokens, N') positions at a time
+    (`cura.train.steps`; run inside the chunk's forward with a frozen output layer, in the chunk's
+    checkpointed recompute with a trained one): the float32 log-softmax (c, V) saved by cross-entropy, the
+    gradient arriving at it and the gradient it passes to the logits: 3 * c * V * 4. The full (N', V) logits
+    never exist."""
     return 3 * spec.chunk * shape.vocab_size * 4
 
 
 def loss_grad_buffer(shape: ModelShape, spec: PlanSpec) -> int:
-    """The gradient of the gathered hidden states, (N', H) in e, accumulated chunk by chunk while the loss
-    backward runs; alive at the loss peak when there is more than one chunk."""
-    chunks = math.ceil(spec.trained_tokens / spec.chunk)
-    return spec.trained_tokens * shape.hidden_size * spec.e if chunks > 1 else 0
+    """The gradient of the gathered hidden states, (N', H) in e, where it is alive at the loss peak. With a
+    frozen output layer (LoRA, QLoRA) each chunk's forward keeps its own rows of it (`_HeadLoss`), so the
+    chunks before the last hold (N' - c) rows; with a trained one (full fine-tuning) the loss backward
+    accumulates all of it, alive at the peak when there is more than one chunk."""
+    n, row = spec.trained_tokens, shape.hidden_size * spec.e
+    if spec.method != "full":
+        return (n - spec.chunk) * row
+    return n * row if math.ceil(n / spec.chunk) > 1 else 0
 
 
 def _cpu_qlora(spec: PlanSpec) -> bool:

@@ -2,9 +2,16 @@
 signals, memory readings.
 
 The loss is computed only where it is needed: hidden states at the trained positions (labels != -100) go
-through the output layer a chunk at a time, each chunk under activation checkpointing, so the full
-(batch, seq, vocab) logits tensor never exists. For a 49k-token vocabulary at 4 x 256 tokens that is 200 MB of
-float32 logits (and as much again for their gradient) that a plain `model(..., labels=...)` would hold.
+through the output layer a chunk at a time, so the full (batch, seq, vocab) logits tensor never exists. For a
+49k-token vocabulary at 4 x 256 tokens that is 200 MB of float32 logits (and as much again for their
+gradient) that a plain `model(..., labels=...)` would hold.
+
+With a frozen output layer (every LoRA / QLoRA run) each chunk's forward also computes the gradient it will
+pass to its hidden states (`_HeadLoss`) and keeps only that, (chunk, hidden) in the compute dtype: the
+logits are made once per step instead of twice (checkpointing would run the output layer's matmul and the
+log-softmax again in backward). The gradient is made by the same autograd ops as the checkpointed path,
+with the step's own loss scale (`grad_scale`), so it is bit-identical; a trained output layer (its weight
+needs a gradient) keeps the checkpointed path.
 """
 
 from __future__ import annotations
@@ -29,6 +36,36 @@ def _chunk_loss_sum(
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+class _HeadLoss(torch.autograd.Function):
+    """One chunk's summed cross-entropy through a frozen output layer, its backward done in its forward.
+
+    forward runs `_chunk_loss_sum` and its backward at once (a local autograd graph, freed on return) with
+    `scale` as the incoming gradient, the one the step's ``(sum / trained_tokens).backward()`` will send,
+    and keeps only the gradient of the chunk's hidden states. backward hands that gradient on as it is when
+    the incoming gradient is `scale` exactly (bit-identical to checkpointing the chunk: the same ops on the
+    same values), rescaled otherwise."""
+
+    @staticmethod
+    def forward(ctx, hidden, targets, head, softcap, scale):
+        with torch.enable_grad():
+            h = hidden.detach().requires_grad_()
+            total = _chunk_loss_sum(h, targets, head, softcap)
+            (grad,) = torch.autograd.grad(total, h, scale)
+        ctx.save_for_backward(grad, scale)
+        return total.detach()
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad, scale = ctx.saved_tensors
+        if not torch.equal(grad_total, scale):
+            grad = grad * (grad_total / scale).to(grad.dtype)
+        return grad, None, None, None, None
+
+
+def _frozen(module: torch.nn.Module) -> bool:
+    return not any(p.requires_grad for p in module.parameters())
+
+
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
     """Recompute each decoder layer in backward, keeping only its input (non-reentrant checkpointing).
 
@@ -43,11 +80,17 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
 
 
 def loss_sum(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    chunk_tokens: int,
+    grad_scale: float = 1.0,
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over the trained tokens of `batch`, and their count.
 
     labels are aligned with input_ids: the prediction at position t is scored against labels[t + 1].
+    `grad_scale` is the gradient the caller's backward will send to the sum (``(sum / n).backward()``:
+    1 / n); any other gradient is still right, the expected one saves a rescale and keeps the result
+    bit-identical to a checkpointed loss.
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     targets = batch["labels"][:, 1:]  # (B, T-1)
@@ -61,9 +104,14 @@ def loss_sum(
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
     total = hidden.new_zeros((), dtype=torch.float32)
+    fused = _frozen(head)
+    # the gradient `(total / n).backward()` sends each chunk, made as autograd makes it: float32 1 / n
+    scale = torch.ones((), dtype=torch.float32, device=hidden.device) * grad_scale
     for start in range(0, n_tokens, chunk_tokens):
         h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if torch.is_grad_enabled() and h.requires_grad and fused:
+            total = total + _HeadLoss.apply(h, t, head, softcap, scale)
+        elif torch.is_grad_enabled() and h.requires_grad:
             total = total + checkpoint(_chunk_loss_sum, h, t, head, softcap, use_reentrant=False)
         else:
             total = total + _chunk_loss_sum(h, t, head, softcap)
@@ -113,7 +161,7 @@ def optimizer_step(
         n_trained, n_input = (int(x) for x in world.sum([n_trained, n_input]))
     loss_total = 0.0
     for batch in micro_batches:
-        s, _ = loss_sum(model, to_device(batch, device), chunk_tokens)
+        s, _ = loss_sum(model, to_device(batch, device), chunk_tokens, 1.0 / max(n_trained, 1))
         (s / max(n_trained, 1)).backward()
         loss_total += float(s.detach())
     if world is not None:
