@@ -188,7 +188,7 @@ def mode_dtype(mode: str) -> str:
 
 
 # the speed changes `interleaved` can swap inside one process
-PATCHES = ("unkept", "fresh", "three_pass", "checkpointed_loss")
+PATCHES = ("unkept", "fresh", "three_pass", "checkpointed_loss", "computed_down")
 
 
 def patch(variant: str) -> None:
@@ -201,9 +201,10 @@ def patch(variant: str) -> None:
 
     if not hasattr(patch, "originals"):
         patch.originals = (
-            linear4bit._in_recompute, linear4bit.dequantize_for_matmul, lora.add_update, steps._frozen
+            linear4bit._in_recompute, linear4bit.dequantize_for_matmul, lora.add_update, steps._frozen,
+            linear4bit.Linear4bit.forward,
         )  # fmt: skip
-    in_recompute, dequantize_for_matmul, add_update, frozen = patch.originals
+    in_recompute, dequantize_for_matmul, add_update, frozen, forward = patch.originals
     linear4bit._in_recompute = (lambda x: False) if variant in ("unkept", "fresh") else in_recompute
     linear4bit.dequantize_for_matmul = (
         (lambda weight, dtype: weight.dequantize(dtype)) if variant == "fresh" else dequantize_for_matmul
@@ -214,6 +215,11 @@ def patch(variant: str) -> None:
         else add_update
     )
     steps._frozen = (lambda head: False) if variant == "checkpointed_loss" else frozen
+    linear4bit.Linear4bit.forward = (
+        (lambda self, x: linear4bit.linear_4bit(x, self.quantized_weight, self.bias, self.compute_dtype))
+        if variant == "computed_down"
+        else forward
+    )
 
 
 ABLATIONS = ("before", "ungrouped", *PATCHES)
@@ -226,7 +232,8 @@ def undo(model, ablation: str | None) -> None:
     layer's recompute does not keep its dequantized weights for backward: three decodes per weight per step
     instead of two), "fresh" (unkept, and every dequantization into a fresh tensor instead of the scratch
     buffer), "three_pass" (PEFT's ``result + (x A^T B^T) * scale`` instead of one addmm), "checkpointed_loss"
-    (each loss chunk checkpointed, its logits made again in backward, instead of `_HeadLoss`)."""
+    (each loss chunk checkpointed, its logits made again in backward, instead of `_HeadLoss`), "computed_down"
+    (the recompute runs mlp.down_proj's 4-bit matmul too, `recompute_output_unused` ignored)."""
     from torch import nn
 
     from cura.nn.lora import LoRALinear

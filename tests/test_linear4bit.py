@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from bnb_ref import float_path
 from cura.nn import Linear4bit, dequantize_model, quantize_model
 from cura.quant import dequantize
+from tiny import ARCHS, tiny_model
 
 pytestmark = pytest.mark.usefixtures("eager_bitsandbytes")
 
@@ -264,6 +265,54 @@ def test_checkpoint_recompute_keeps_its_dequantized_weight_for_backward(monkeypa
     assert not linear4bit._recomputed  # each kept copy was freed by its backward
     assert torch.equal(x_ckpt.grad, x_plain.grad)
     assert torch.equal(first.bias.grad, bias_grads[0]) and torch.equal(second.bias.grad, bias_grads[1])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_recompute_skips_the_residual_output_matmul_with_identical_gradients(arch):
+    """Under checkpointing a listed family's MLP output projection returns zeros in the recompute (its
+    output only feeds the residual add, which saves nothing): gradients bit-identical to the unmarked model."""
+    from cura.adapters import LoraConfig, attach_lora
+    from cura.constants import RESIDUAL_MLP_OUTPUT_MODEL_TYPES
+    from cura.nn.linear4bit import mark_residual_outputs, quantize_model
+    from cura.train.steps import enable_activation_checkpointing
+
+    def build():
+        model = tiny_model(arch)
+        quantize_model(model)
+        torch.manual_seed(0)
+        attach_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1))
+        for name, param in model.named_parameters():  # B != 0: every LoRA path reaches the gradients
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.02)
+        enable_activation_checkpointing(model)
+        return model.train()
+
+    torch.manual_seed(3)
+    ids = torch.randint(3, 300, (2, 12))
+
+    def gradients(model):
+        torch.manual_seed(5)  # the same dropout masks for both
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, marked = build(), build()
+    names = mark_residual_outputs(marked)
+    listed = marked.config.model_type in RESIDUAL_MLP_OUTPUT_MODEL_TYPES
+    assert len(names) == (len(marked.model.layers) if listed else 0), names
+    recomputed = []
+    for name in names:
+        marked.get_submodule(name).base_layer.register_forward_hook(
+            lambda m, i, out: (
+                recomputed.append(bool(out.count_nonzero() == 0))
+                if torch._C._current_graph_task_id() != -1
+                else None
+            )
+        )
+    expected, got = gradients(plain), gradients(marked)
+    assert recomputed == [True] * len(names)  # each marked layer's recompute skipped its matmul
+    assert expected.keys() == got.keys()
+    for n in expected:
+        assert torch.equal(expected[n], got[n]), n
 
 
 def test_no_copy_is_kept_outside_a_recompute():

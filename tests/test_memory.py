@@ -27,6 +27,7 @@ from cura.memory import (
     shape_from_config,
     shape_from_source,
 )
+from cura.memory.activations import recomputed_weights_bytes
 from cura.memory.fit import largest
 from cura.memory.gguf_meta import read_gguf_metadata
 from cura.memory.planner import (
@@ -393,12 +394,32 @@ def dynamic_peak(shape, s: PlanSpec, folder) -> tuple[int, int]:
 )  # fmt: skip
 def test_planned_step_memory_matches_profiled_live_tensors(dims, changes, tmp_path):
     h, i, layers, heads, kv, vocab = dims
-    shape = planner.ModelShape("t", vocab, h, i, layers, heads, kv, h // heads, False)
+    shape = planner.ModelShape(
+        "t", vocab, h, i, layers, heads, kv, h // heads, False, residual_mlp_output=True
+    )
     measured, predicted = dynamic_peak(shape, spec(lora_r=16, **changes), tmp_path)
     assert abs(predicted - measured) / measured < 0.06, (predicted / MiB, measured / MiB)
 
 
 # ------------------------------------------------------------------------------------ peaks and phases
+
+
+def test_families_whose_mlp_output_feeds_only_the_residual():
+    assert KNOWN_SHAPES["smollm2-135m"].residual_mlp_output and KNOWN_SHAPES["qwen2.5-7b"].residual_mlp_output
+    assert (
+        not KNOWN_SHAPES["gemma-2-9b"].residual_mlp_output
+        and not KNOWN_SHAPES["phi-3-mini"].residual_mlp_output
+    )
+    for arch in ("llama", "qwen2", "phi3", "gemma"):
+        config = tiny_config(arch).to_dict()
+        assert shape_from_config(config).residual_mlp_output == (arch != "phi3"), arch
+    assert not shape_from_config(
+        {**tiny_config("llama").to_dict(), "model_type": "gemma2"}
+    ).residual_mlp_output
+    s = spec(batch_size=1, seq_len=64)  # CPU QLoRA, checkpointing: down_proj's copy is not kept
+    kept = recomputed_weights_bytes(TINY, s)
+    other = dataclasses.replace(TINY, residual_mlp_output=False)
+    assert recomputed_weights_bytes(other, s) - kept == TINY.intermediate_size * TINY.hidden_size * s.e
 
 
 def test_peak_is_the_sum_of_terms_at_the_highest_phase():

@@ -218,10 +218,13 @@ def dequant_scratch(shape: ModelShape, spec: PlanSpec) -> Term:
 def recomputed_weights_bytes(shape: ModelShape, spec: PlanSpec) -> int:
     """CPU QLoRA under checkpointing: the dequantized copies a layer's recompute keeps for its backward
     (`cura.nn.linear4bit._recomputed`), each alive from the recompute until its own matmul's backward: every
-    4-bit linear of the layer in e, sum(in * out) * e. 0 on CUDA, without checkpointing and without QLoRA."""
+    4-bit linear of the layer in e, sum(in * out) * e, but down_proj where the family adds it straight onto
+    the residual stream (`residual_mlp_output`: its recompute skips the matmul and keeps nothing). 0 on
+    CUDA, without checkpointing and without QLoRA."""
     if not (_cpu_qlora(spec) and spec.gradient_checkpointing):
         return 0
-    return shape.linear_params_per_layer * spec.e
+    skipped = shape.intermediate_size * shape.hidden_size if shape.residual_mlp_output else 0
+    return (shape.linear_params_per_layer - skipped) * spec.e
 
 
 def layer_backward_buffers(shape: ModelShape, spec: PlanSpec) -> int:
@@ -239,7 +242,8 @@ def layer_backward_buffers(shape: ModelShape, spec: PlanSpec) -> int:
         B  the product's backward (or A's accumulation of the two gradients into a third): 3 * N*I*e
 
     On a CPU the recompute's dequantized copies of the layer's weights (`recomputed_weights_bytes`) are
-    alive at R and A, and all but down_proj's at B (the scratch buffer is a persistent term, `dequant_scratch`).
+    alive at R and A, and all but down_proj's at B (none of down_proj's where its recompute skips the matmul;
+    the scratch buffer is a persistent term, `dequant_scratch`).
     """
     n, e = spec.tokens, spec.e
     i, h = shape.intermediate_size, shape.hidden_size
@@ -251,9 +255,10 @@ def layer_backward_buffers(shape: ModelShape, spec: PlanSpec) -> int:
         lora_saved = n * spec.lora_r * e
         lora_saved += n * i * (dropout_mask_bytes(spec) + e) if spec.lora_dropout > 0 else n * i * e
     product = 0 if saves_input("down_proj", targets, spec) else n * i * e
+    kept_after_down = kept - (i * h * e if kept and not shape.residual_mlp_output else 0)
     moments = [
         -lora_saved + 2 * n * i * e + weight + kept,  # A
-        -lora_saved + 3 * n * i * e + (kept - i * h * e if kept else 0),  # B
+        -lora_saved + 3 * n * i * e + kept_after_down,  # B
     ]
     if spec.gradient_checkpointing:
         moments += [

@@ -19,6 +19,7 @@ import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
+from cura.constants import RESIDUAL_MLP_OUTPUT_MODEL_TYPES
 from cura.errors import CuraError
 from cura.inputs import read_json_file
 
@@ -38,6 +39,7 @@ class ModelShape:
     tie_word_embeddings: bool
     attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
     context_length: int | None = None  # the longest sequence the model was trained for (None: not known)
+    residual_mlp_output: bool = False  # mlp.down_proj feeds only the residual add (RESIDUAL_MLP_OUTPUT_MODEL_TYPES)
 
     @property
     def q_dim(self) -> int:
@@ -100,8 +102,20 @@ class ModelShape:
 def _shape(
     name, vocab, hidden, inter, layers, heads, kv_heads, head_dim=None, tied=False, bias=False, context=None
 ):
+    residual = not name.startswith(("gemma-2", "phi-3"))  # the other known families are listed ones
     return ModelShape(
-        name, vocab, hidden, inter, layers, heads, kv_heads, head_dim or hidden // heads, tied, bias, context
+        name,
+        vocab,
+        hidden,
+        inter,
+        layers,
+        heads,
+        kv_heads,
+        head_dim or hidden // heads,
+        tied,
+        bias,
+        context,
+        residual,
     )
 
 
@@ -195,6 +209,7 @@ def shape_from_config(config: dict, name: str = "model") -> ModelShape:
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         attention_bias=bool(config.get("attention_bias") or config.get("model_type") == "qwen2"),
         context_length=_int_or_none(config.get("max_position_embeddings") or config.get("n_positions")),
+        residual_mlp_output=config.get("model_type") in RESIDUAL_MLP_OUTPUT_MODEL_TYPES,
     )
 
 
@@ -236,6 +251,7 @@ def shape_from_gguf(path: Path) -> ModelShape:
         tie_word_embeddings="output.weight" not in tensor_names,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
         context_length=_int_or_none(meta.get(f"{arch}.context_length")),
+        residual_mlp_output=arch in RESIDUAL_MLP_OUTPUT_MODEL_TYPES,  # llama.cpp writes Mistral as llama
     )
 
 

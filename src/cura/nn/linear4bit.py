@@ -8,7 +8,11 @@ dequantized copy never outlives one matmul (on a CPU it goes into one reused scr
 dtype, `dequantize_for_matmul`). On a CPU under activation checkpointing, the forward that backward reruns
 (the recompute, one layer at a time) keeps its dequantized copy for the backward that follows it
 (`_recomputed`), so each weight is decoded twice per step instead of three times, at the price of one
-layer's weights in the compute dtype while that layer's backward runs (counted by `cura.memory`).
+layer's weights in the compute dtype while that layer's backward runs (counted by `cura.memory`). A layer
+whose output the recompute never needs (`recompute_output_unused`: a decoder layer's MLP output projection,
+added straight onto the residual stream; `mark_residual_outputs`) skips that matmul in the recompute and
+decodes its weight in backward as without checkpointing: a quarter of the recompute's base-weight FLOPs on a
+Llama-shaped layer.
 
 The 4-bit tensors are buffers (they follow ``module.to(device)`` and never appear in ``parameters()``);
 ``state_dict()`` holds exactly the keys transformers + bitsandbytes write for the layer (``weight``,
@@ -20,7 +24,13 @@ import threading
 import torch
 from torch import nn
 
-from cura.constants import DEFAULT_BLOCKSIZE, DEFAULT_DOUBLE_QUANT, DEFAULT_LORA_EXCLUDE, DEFAULT_QUANT_TYPE
+from cura.constants import (
+    DEFAULT_BLOCKSIZE,
+    DEFAULT_DOUBLE_QUANT,
+    DEFAULT_LORA_EXCLUDE,
+    DEFAULT_QUANT_TYPE,
+    RESIDUAL_MLP_OUTPUT_MODEL_TYPES,
+)
 from cura.nn.select import matches
 from cura.quant import QuantizedTensor, kernels, quantize, triton_kernels
 
@@ -74,7 +84,7 @@ class _Dequantized4bitMatmul(torch.autograd.Function):
     after a CPU recompute, which leaves its copy in `_recomputed`)."""
 
     @staticmethod
-    def forward(ctx, x, weight: QuantizedTensor, dtype: torch.dtype, packed, absmax, nested_absmax):
+    def forward(ctx, x, weight: QuantizedTensor, dtype: torch.dtype, unused, packed, absmax, nested_absmax):
         # `packed`, `absmax`, `nested_absmax` are the tensors inside `weight`, passed so that autograd
         # sees (and saved-tensor hooks count) exactly what is kept for backward.
         ctx.weight = weight
@@ -82,6 +92,8 @@ class _Dequantized4bitMatmul(torch.autograd.Function):
         if matmul_backend(x.device, x.numel() // max(1, x.shape[-1]), dtype) == "fused":
             return triton_kernels.matmul_4bit(x, weight, dtype)
         if _in_recompute(x):
+            if unused:  # nothing the recompute rebuilds reads this output: the matmul is skipped
+                return x.new_zeros(*x.shape[:-1], weight.shape[0])
             w = _recomputed[(packed.data_ptr(), dtype)] = weight.dequantize(dtype)
             return x @ w.t()
         return x @ dequantize_for_matmul(weight, dtype).t()
@@ -91,9 +103,9 @@ class _Dequantized4bitMatmul(torch.autograd.Function):
         packed, absmax, nested_absmax = ctx.saved_tensors  # keeps them alive (and version-checked)
         kept = _recomputed.pop((packed.data_ptr(), grad_out.dtype), None)
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         w = kept if kept is not None else dequantize_for_matmul(ctx.weight, grad_out.dtype)
-        return grad_out @ w, None, None, None, None, None
+        return grad_out @ w, None, None, None, None, None, None
 
 
 def matmul_backend(device: torch.device, rows: int, dtype: torch.dtype) -> str:
@@ -114,11 +126,19 @@ def linear_4bit(
     weight: QuantizedTensor,
     bias: torch.Tensor | None = None,
     compute_dtype: torch.dtype | None = None,
+    recompute_output_unused: bool = False,
 ) -> torch.Tensor:
-    """``x @ dequant(weight)^T + bias`` in `compute_dtype` (default: x's dtype), returned in x's dtype."""
+    """``x @ dequant(weight)^T + bias`` in `compute_dtype` (default: x's dtype), returned in x's dtype.
+    `recompute_output_unused`: see `Linear4bit.recompute_output_unused`."""
     dtype = compute_dtype or x.dtype
     y = _Dequantized4bitMatmul.apply(
-        x.to(dtype), weight, dtype, weight.packed, weight.absmax, weight.nested_absmax
+        x.to(dtype),
+        weight,
+        dtype,
+        recompute_output_unused,
+        weight.packed,
+        weight.absmax,
+        weight.nested_absmax,
     )
     if bias is not None:
         y = y + bias.to(dtype)
@@ -127,6 +147,12 @@ def linear_4bit(
 
 class Linear4bit(nn.Module):
     """A frozen linear layer with a 4-bit weight; see the module docstring for the formula and layout."""
+
+    recompute_output_unused = False
+    """True where nothing a checkpointed recompute rebuilds reads this layer's output (set by
+    `mark_residual_outputs`): a CPU recompute then returns zeros in place of the matmul. The layer's own
+    backward never needs its output, so gradients are unchanged; the output of that recompute is wrong,
+    which is harmless only because checkpointing discards it."""
 
     def __init__(
         self,
@@ -185,7 +211,9 @@ class Linear4bit(nn.Module):
         return cls(q, linear.bias, compute_dtype=compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear_4bit(x, self.quantized_weight, self.bias, self.compute_dtype)
+        return linear_4bit(
+            x, self.quantized_weight, self.bias, self.compute_dtype, self.recompute_output_unused
+        )
 
     def extra_repr(self) -> str:
         m, bias, dq = self._meta, self.bias is not None, self._meta["offset"] is not None
@@ -293,6 +321,24 @@ def quantize_model(
         linear.weight = None  # drop the float weight now (the model no longer references it)
         del linear
     return names
+
+
+def mark_residual_outputs(model: nn.Module) -> list[str]:
+    """Set `Linear4bit.recompute_output_unused` on each decoder layer's 4-bit ``mlp.down_proj`` (under a
+    LoRA wrapper or not) where the model's family adds it straight onto the residual stream
+    (`cura.constants.RESIDUAL_MLP_OUTPUT_MODEL_TYPES`). Returns the marked paths."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in RESIDUAL_MLP_OUTPUT_MODEL_TYPES:
+        return []
+    marked = []
+    for name, module in model.named_modules():
+        if not name.endswith("mlp.down_proj"):
+            continue
+        base = getattr(module, "base_layer", module)
+        if isinstance(base, Linear4bit):
+            base.recompute_output_unused = True
+            marked.append(name)
+    return marked
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:

@@ -30,6 +30,7 @@ from cura.hardware import default_device, default_threads, resolve_compute_dtype
 from cura.models import load_tokenizer, resolve_source
 from cura.models.loading import QuantSpec, hf_folder, load_checkpoint
 from cura.nn import Linear4bit
+from cura.nn.linear4bit import mark_residual_outputs
 from cura.optim import PagedAdamW
 from cura.train.autofit import apply_cpu_malloc
 from cura.train.config import TrainConfig
@@ -221,6 +222,7 @@ def build_model(config: TrainConfig, device: torch.device, compute_dtype: torch.
         model.to(device)
     if config.gradient_checkpointing:
         enable_activation_checkpointing(model)
+        mark_residual_outputs(model)  # a CPU recompute skips the MLP output projection's 4-bit matmul
     model.config.use_cache = False
     model.train()
     return model, kind, targets
