@@ -23,8 +23,8 @@ Sections, each mode in its own subprocess (so peak RSS is its own), on each CPU 
       cura_qlora[_fp32]       cura on the NF4 + double-quantization base, PagedAdamW
   (cura's unsuffixed modes use its default `compute_dtype: auto`);
 - ablations: cura_qlora with one speed change undone at a time (`undo`: torch's Bernoulli dropout, no
-  shared-input groups, no recompute-kept weights, no scratch buffer, PEFT's three-pass LoRA update), same run,
-  each in its own process;
+  shared-input groups, no recompute-kept weights, no scratch buffer, PEFT's three-pass LoRA update, the
+  checkpointed loss chunk, down_proj's matmul in the recompute), same run, each in its own process;
 - interleaved (`--interleaved-only`, merged into the results file): the swappable ones (`patch`) undone in
   turn step by step inside one process, on the demo's shape and on the benchmark's, per CPU kind;
 - profile: one cura_qlora step under torch.profiler, self CPU time by op family (matmul, dequantize,
@@ -33,6 +33,8 @@ Sections, each mode in its own subprocess (so peak RSS is its own), on each CPU 
 - scaling: cura_qlora vs peft_bnb_qlora (each in its default dtype) at sequence 256 / 512 / 1024 / 2048 with
   2048 tokens per step, and on random-weight SmolLM2-360M and TinyLlama-1.1B shapes (1 warm-up, 2 timed
   steps); a point that does not fit the time budget or the free memory is skipped with the reason recorded.
+  The native kind's aims then also carry the MFU of the largest of them (`cura_qlora_mfu_matmul_bound`):
+  the issue sets its MFU aim on the matmul-bound sizes, and at 135M a step is not matmul-bound.
 
 Timings on a shared machine are noisy: every ratio is between modes of the same run, each mode's time is the
 median of its timed steps, and `--rounds` > 1 runs the main modes interleaved (A B C A B C) and takes the
@@ -836,7 +838,23 @@ def run_all(args, budget: Budget) -> dict:
             if native.get("dtypes")
             else {"skipped": "the native kind's GEMM limits were not measured"}
         )
+        add_matmul_bound_mfu_aim(report)
     return report
+
+
+def add_matmul_bound_mfu_aim(report: dict) -> None:
+    """The MFU aim where the issue sets it, "on the matmul-bound sizes": the largest model of the scaling
+    sweep (native kind), beside the bundled model's, at whose size a step is not matmul-bound (profile)."""
+    sizes = report.get("scaling", {}).get("model_size", {})
+    aims = report["kinds"].get("native", {}).get("aims")
+    if not sizes or aims is None:
+        return
+    name = list(sizes)[-1]
+    v = sizes[name].get("cura_qlora", {}).get("mfu")
+    bound = AIMS["cura_qlora_mfu"]
+    aims["cura_qlora_mfu_matmul_bound"] = {
+        "value": v, "aim": f">= {bound:g}", "met": None if v is None else v >= bound, "model": name
+    }  # fmt: skip
 
 
 def write_report(report: dict, args) -> None:
