@@ -39,7 +39,7 @@ class ModelShape:
     tie_word_embeddings: bool
     attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
     context_length: int | None = None  # the longest sequence the model was trained for (None: not known)
-    residual_mlp_output: bool = False  # mlp.down_proj feeds only the residual add (RESIDUAL_MLP_OUTPUT_MODEL_TYPES)
+    residual_mlp_output: bool = False  # down_proj only feeds the residual add (RESIDUAL_MLP_OUTPUT_...)
 
     @property
     def q_dim(self) -> int:
