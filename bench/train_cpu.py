@@ -13,7 +13,9 @@ Sections, each mode in its own subprocess (so peak RSS is its own), on each CPU 
   with the measured bf16/fp32 matmul speeds that show the cap took effect);
 - limits: the peak GEMM throughput of this machine for the matmul shapes a step runs (forward [N, in] x
   [in, out] and input-gradient [N, out] x [out, in] of every linear, and the LM head), in float32 and, where
-  native, bfloat16; each mode's MFU is `cura.memory.flops.lora_step_flops` / step time / the peak of its dtype;
+  native, bfloat16; each mode's MFU is `cura.memory.flops.lora_step_flops` / step time / the peak of its dtype
+  (those FLOPs include a full recompute; cura skips down_proj's recompute matmul and never recomputes the
+  output layer, so its MFU also credits FLOPs it avoids);
 - modes (SmolLM2-135M-Instruct, the bundled model, batch 4 x 256, LoRA r=16 dropout 0.05 on every linear but
   lm_head, gradient checkpointing, 2 threads), each library in float32 and in bfloat16 (native kind only):
 
