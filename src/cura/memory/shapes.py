@@ -104,19 +104,9 @@ def _shape(
 ):
     residual = not name.startswith(("gemma-2", "phi-3"))  # the other known families are listed ones
     return ModelShape(
-        name,
-        vocab,
-        hidden,
-        inter,
-        layers,
-        heads,
-        kv_heads,
-        head_dim or hidden // heads,
-        tied,
-        bias,
-        context,
-        residual,
-    )
+        name, vocab, hidden, inter, layers, heads, kv_heads, head_dim or hidden // heads, tied, bias, context,
+        residual_mlp_output=residual,
+    )  # fmt: skip
 
 
 # name -> shape, from each model's public config.json (Hugging Face model cards of the named repositories)

@@ -104,14 +104,15 @@ def loss_sum(
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
     total = hidden.new_zeros((), dtype=torch.float32)
-    fused = _frozen(head)
+    trains = torch.is_grad_enabled() and hidden.requires_grad
+    fused = trains and _frozen(head)
     # the gradient `(total / n).backward()` sends each chunk, made as autograd makes it: float32 1 / n
-    scale = torch.ones((), dtype=torch.float32, device=hidden.device) * grad_scale
+    scale = torch.ones((), dtype=torch.float32, device=hidden.device) * grad_scale if fused else None
     for start in range(0, n_tokens, chunk_tokens):
         h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
-        if torch.is_grad_enabled() and h.requires_grad and fused:
+        if fused:
             total = total + _HeadLoss.apply(h, t, head, softcap, scale)
-        elif torch.is_grad_enabled() and h.requires_grad:
+        elif trains:
             total = total + checkpoint(_chunk_loss_sum, h, t, head, softcap, use_reentrant=False)
         else:
             total = total + _chunk_loss_sum(h, t, head, softcap)
