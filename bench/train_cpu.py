@@ -26,7 +26,8 @@ Sections, each mode in its own subprocess (so peak RSS is its own), on each CPU 
   (cura's unsuffixed modes use its default `compute_dtype: auto`);
 - ablations: cura_qlora with one speed change undone at a time (`undo`: torch's Bernoulli dropout, no
   shared-input groups, no recompute-kept weights, no scratch buffer, PEFT's three-pass LoRA update, the
-  checkpointed loss chunk, down_proj's matmul in the recompute), same run, each in its own process;
+  checkpointed loss chunk, down_proj's matmul in the recompute, autograd's cross-entropy backward instead of
+  the in-place one), same run, each in its own process;
 - interleaved (`--interleaved-only`, merged into the results file): the swappable ones (`patch`) undone in
   turn step by step inside one process, on the demo's shape and on the benchmark's, per CPU kind;
 - profile: one cura_qlora step under torch.profiler, self CPU time by op family (matmul, dequantize,
@@ -192,7 +193,7 @@ def mode_dtype(mode: str) -> str:
 
 
 # the speed changes `interleaved` can swap inside one process
-PATCHES = ("unkept", "fresh", "three_pass", "checkpointed_loss", "computed_down")
+PATCHES = ("unkept", "fresh", "three_pass", "checkpointed_loss", "computed_down", "autograd_loss")
 
 
 def patch(variant: str) -> None:
@@ -206,9 +207,9 @@ def patch(variant: str) -> None:
     if not hasattr(patch, "originals"):
         patch.originals = (
             linear4bit._in_recompute, linear4bit.dequantize_for_matmul, lora.add_update, steps._frozen,
-            linear4bit.Linear4bit.forward,
+            linear4bit.Linear4bit.forward, steps._fused_chunk_loss,
         )  # fmt: skip
-    in_recompute, dequantize_for_matmul, add_update, frozen, forward = patch.originals
+    in_recompute, dequantize_for_matmul, add_update, frozen, forward, fused_loss = patch.originals
     linear4bit._in_recompute = (lambda x: False) if variant in ("unkept", "fresh") else in_recompute
     linear4bit.dequantize_for_matmul = (
         (lambda weight, dtype: weight.dequantize(dtype)) if variant == "fresh" else dequantize_for_matmul
@@ -224,6 +225,20 @@ def patch(variant: str) -> None:
         if variant == "computed_down"
         else forward
     )
+    steps._fused_chunk_loss = autograd_chunk_loss if variant == "autograd_loss" else fused_loss
+
+
+def autograd_chunk_loss(hidden, targets, head, softcap, scale):
+    """`_fused_chunk_loss` as autograd makes it (the "autograd_loss" variant): cross-entropy's own backward."""
+    import torch
+
+    from cura.train import steps
+
+    with torch.enable_grad():
+        h = hidden.detach().requires_grad_()
+        total = steps._chunk_loss_sum(h, targets, head, softcap)
+        (grad,) = torch.autograd.grad(total, h, scale)
+    return total.detach(), grad
 
 
 ABLATIONS = ("before", "ungrouped", *PATCHES)
@@ -237,7 +252,8 @@ def undo(model, ablation: str | None) -> None:
     instead of two), "fresh" (unkept, and every dequantization into a fresh tensor instead of the scratch
     buffer), "three_pass" (PEFT's ``result + (x A^T B^T) * scale`` instead of one addmm), "checkpointed_loss"
     (each loss chunk checkpointed, its logits made again in backward, instead of `_HeadLoss`), "computed_down"
-    (the recompute runs mlp.down_proj's 4-bit matmul too, `recompute_output_unused` ignored)."""
+    (the recompute runs mlp.down_proj's 4-bit matmul too, `recompute_output_unused` ignored), "autograd_loss"
+    (each loss chunk's gradient by autograd's cross-entropy backward, not in place in its logits)."""
     from torch import nn
 
     from cura.nn.lora import LoRALinear

@@ -255,8 +255,12 @@ def test_paged_state_lives_on_the_host_on_a_gpu():
 
 def test_activation_formulas_by_hand():
     s, sh = spec(seq_len=512, batch_size=4), KNOWN_SHAPES["llama-2-7b"]
-    assert loss_chunk_bytes(sh, s) == 3 * 1024 * 32000 * 4
-    assert loss_chunk_bytes(sh, dataclasses.replace(s, loss_chunk_tokens=4096)) == 3 * (4 * 511) * 32000 * 4
+    assert loss_chunk_bytes(sh, s) == 1024 * 32000 * 4  # frozen head: the gradient in place in the logits
+    assert loss_chunk_bytes(sh, dataclasses.replace(s, loss_chunk_tokens=4096)) == (4 * 511) * 32000 * 4
+    bf16 = dataclasses.replace(s, compute_dtype="bfloat16")
+    assert loss_chunk_bytes(sh, bf16) == 1024 * 32000 * (4 + 2)  # and the head's bf16 output
+    full = dataclasses.replace(s, method="full")
+    assert loss_chunk_bytes(sh, full) == 3 * 1024 * 32000 * 4  # autograd's cross-entropy, checkpointed
     assert hidden_state_bytes(sh, s) == 33 * 2048 * 4096 * 4
     assert (
         hidden_state_bytes(sh, dataclasses.replace(s, gradient_checkpointing=False)) == 32 * 2048 * 4096 * 4

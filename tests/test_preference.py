@@ -4,6 +4,7 @@ errors, and exact resume for every objective (tiny random models, the tiny ChatM
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import signal
@@ -461,6 +462,9 @@ def test_planner_counts_two_sequences_per_pair():
     dpo = plan_spec(TrainConfig(objective="dpo", batch_size=2, data=data), "cuda")
     kto = plan_spec(TrainConfig(objective="kto", batch_size=2, data=data), "cuda")
     sft4 = plan_spec(TrainConfig(batch_size=4, data=data), "cuda")
+    # the per-token plan, with the preference loss's chunks (checkpointed autograd cross-entropy, not
+    # `loss_sum`'s in-place gradient)
+    sft4 = dataclasses.replace(sft4, sft_loss=False)
     assert (dpo.rows, kto.rows, dpo.packing) == (4, 2, False)
     terms = {t.name: t.bytes for t in plan(shape, dpo).terms}
     assert terms == {t.name: t.bytes for t in plan(shape, sft4).terms}

@@ -89,16 +89,18 @@ def test_loss_sum_matches_transformers(make_tiny):
 
 
 @pytest.mark.parametrize("arch,softcap", [("llama", None), ("qwen2", None), ("llama", 5.0)])  # qwen2: tied
-def test_frozen_head_loss_is_bit_identical_to_the_checkpointed_loss(make_tiny, monkeypatch, arch, softcap):
-    """With a frozen output layer (LoRA) each loss chunk makes its gradient in its forward (`_HeadLoss`):
-    the same loss and bit-identical gradients as checkpointing the chunk, for the step's scale and, rescaled,
-    for any other incoming gradient."""
+def test_frozen_head_loss_matches_the_checkpointed_loss(make_tiny, monkeypatch, arch, softcap):
+    """With a frozen output layer (LoRA) each loss chunk makes its gradient in its forward, in place in
+    its logits' buffer (`_HeadLoss`): the same loss bit for bit as checkpointing the chunk, and its
+    gradients to float32 round-off (torch's log-softmax backward has its own exp), for the step's scale
+    and, rescaled, for any other incoming gradient."""
     from cura.adapters import LoraConfig, attach_lora
     from cura.train import steps
 
     model = make_tiny(arch)
     model.config.final_logit_softcapping = softcap  # as Gemma 2 caps its logits
     attach_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))
+    torch.nn.init.normal_(model.model.layers[0].mlp.up_proj.lora_B.weight, std=0.02)  # B != 0: every path
     torch.manual_seed(1)
     ids = torch.randint(3, 300, (2, 24))
     labels = ids.clone()
@@ -113,16 +115,45 @@ def test_frozen_head_loss_is_bit_identical_to_the_checkpointed_loss(make_tiny, m
         (s / 29 * factor).backward()
         return s.detach(), [p.grad.clone() for p in params]
 
+    def close(got, expected):  # float32 round-off, relative to each tensor's scale
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
     for chunk in (1, 7, 4096):
         (s_fused, g_fused), (s_ckpt, g_ckpt) = grads(chunk, True), grads(chunk, False)
         assert torch.equal(s_fused, s_ckpt)
-        assert all(torch.equal(a, b) for a, b in zip(g_fused, g_ckpt, strict=True))
+        close(g_fused, g_ckpt)
     _, g_fused = grads(5, True, factor=3.0)
     _, g_ckpt = grads(5, False, factor=3.0)
-    for a, b in zip(g_fused, g_ckpt, strict=True):  # float32 round-off, relative to each tensor's scale
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+    close(g_fused, g_ckpt)
     monkeypatch.undo()
     assert steps._frozen(model.get_output_embeddings())
+
+
+def test_fused_chunk_loss_matches_autograd_cross_entropy_in_each_dtype():
+    """The in-place gradient of `_fused_chunk_loss` against autograd's cross-entropy through the same head,
+    in float32 and bfloat16 (the head's output takes the cast gradient), with and without a soft cap."""
+    import torch.nn.functional as F
+
+    from cura.train.steps import _fused_chunk_loss
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for softcap in (None, 3.0):
+            head = torch.nn.Linear(16, 50, bias=False).to(dtype)
+            hidden = torch.randn(9, 16, dtype=dtype) * 2
+            targets = torch.randint(0, 50, (9,))
+            scale = torch.ones(()) * 0.25
+            total, grad = _fused_chunk_loss(hidden, targets, head, softcap, scale)
+            h = hidden.detach().requires_grad_()
+            logits = head(h).float()
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            ref = F.cross_entropy(logits, targets, reduction="sum")
+            (ref_grad,) = torch.autograd.grad(ref, h, scale)
+            assert torch.equal(total, ref.detach()) and grad.dtype == dtype
+            tol = 1e-5 if dtype == torch.float32 else 2e-2  # bfloat16: one rounding of the cast gradient
+            torch.testing.assert_close(grad, ref_grad, rtol=tol, atol=tol * float(ref_grad.abs().max()))
 
 
 def test_schedules():

@@ -168,12 +168,19 @@ def final_norm_and_gather(shape: ModelShape, spec: PlanSpec) -> int:
 
 
 def loss_chunk_bytes(shape: ModelShape, spec: PlanSpec) -> int:
-    """Peak of one loss chunk's backward, c = min(loss_chunk_tokens, N') positions at a time
-    (`cura.train.steps`; run inside the chunk's forward with a frozen output layer, in the chunk's
-    checkpointed recompute with a trained one): the float32 log-softmax (c, V) saved by cross-entropy, the
-    gradient arriving at it and the gradient it passes to the logits: 3 * c * V * 4. The full (N', V) logits
-    never exist."""
-    return 3 * spec.chunk * shape.vocab_size * 4
+    """Peak of one loss chunk, c = min(loss_chunk_tokens, N') positions at a time (`cura.train.steps`).
+
+    The summed next-token loss through a frozen output layer (LoRA, QLoRA) makes the chunk's gradient in its
+    forward, in place in the float32 logits (`_fused_chunk_loss`): c * V * 4, plus the head's own (c, V)
+    output in e when e != 4 (it takes the cast gradient back). With a trained one (full fine-tuning), and
+    for a preference objective's per-token log-probabilities (`cura.train.preference`), the chunk's
+    checkpointed recompute runs autograd's cross-entropy: the float32 log-softmax (c, V) it saves, the
+    gradient arriving at it and the gradient it passes to the logits: 3 * c * V * 4. The full (N', V) logits never exist. A soft-capped
+    head (Gemma 2) holds one more (c, V) float32 buffer (its tanh), not counted here."""
+    c_v = spec.chunk * shape.vocab_size
+    if spec.method != "full" and spec.sft_loss:
+        return c_v * 4 + (c_v * spec.e if spec.e != 4 else 0)
+    return 3 * c_v * 4
 
 
 def loss_grad_buffer(shape: ModelShape, spec: PlanSpec) -> int:

@@ -56,6 +56,7 @@ class PlanSpec:
     world_size: int = 1  # data-parallel processes (`cura train --nproc`); batch_size is per process
     fsdp: bool = False  # with world_size > 1: base, LoRA and optimizer state sharded (`cura.memory.sharding`)
     sequences_per_example: int = 1  # 2 for DPO/ORPO: chosen and rejected go through the model in one batch
+    sft_loss: bool = True  # `loss_sum` (the gradient in place); False: a preference objective
 
     def __post_init__(self) -> None:
         checks = (

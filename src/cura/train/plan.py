@@ -43,4 +43,5 @@ def plan_spec(
         world_size=world_size,
         fsdp=config.fsdp and world_size > 1,
         sequences_per_example=2 if config.objective in PAIRED else 1,
+        sft_loss=config.objective == "sft",
     )

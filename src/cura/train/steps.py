@@ -9,9 +9,11 @@ gradient) that a plain `model(..., labels=...)` would hold.
 With a frozen output layer (every LoRA / QLoRA run) each chunk's forward also computes the gradient it will
 pass to its hidden states (`_HeadLoss`) and keeps only that, (chunk, hidden) in the compute dtype: the
 logits are made once per step instead of twice (checkpointing would run the output layer's matmul and the
-log-softmax again in backward). The gradient is made by the same autograd ops as the checkpointed path,
-with the step's own loss scale (`grad_scale`), so it is bit-identical; a trained output layer (its weight
-needs a gradient) keeps the checkpointed path.
+log-softmax again in backward). The logits' gradient (softmax minus one-hot, times the step's own loss
+scale `grad_scale`) is written in place into the logits' own float32 buffer instead of autograd's three fresh
+(chunk, vocab) tensors (`_fused_chunk_loss`): the loss is bit-identical to the checkpointed path, the
+gradient equal to float32 round-off. A trained output layer (its weight needs a gradient) keeps the
+checkpointed path.
 """
 
 from __future__ import annotations
@@ -36,21 +38,50 @@ def _chunk_loss_sum(
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+def _fused_chunk_loss(hidden, targets, head, softcap, scale):
+    """One chunk's summed cross-entropy and the gradient `scale` sends back through it to `hidden`, with
+    the logits' gradient made in place in their own buffer: softmax * scale, minus scale at each target.
+
+    autograd's cross-entropy holds three (c, V) float32 tensors at its backward (the log-softmax it saves,
+    the one-hot gradient arriving at it, the gradient it returns), each allocated afresh and, for a tensor
+    this size, page-faulted in again from the OS by every chunk; here one float32 buffer is reused (in a
+    16-bit compute dtype also the head's (c, V) output, which takes the gradient cast back). The loss is
+    the same ops on the same values (`F.cross_entropy` is `nll_loss(log_softmax)`): bit-identical. The
+    gradient differs from autograd's in float32 round-off only: torch's log-softmax backward evaluates
+    exp with a faster, less exact polynomial than `Tensor.exp_`. The output layer's own backward stays
+    autograd's (so FSDP's hooks gather a sharded weight as they do for any module)."""
+    with torch.enable_grad():
+        h = hidden.detach().requires_grad_()
+        out = head(h)  # (c, V) in the compute dtype
+    logits = out.detach().float()  # float32 already: the same storage
+    if softcap:  # z = softcap * tanh(x / softcap); dz/dx = 1 - tanh^2
+        tanh = logits.div_(softcap).tanh_()
+        logits = tanh * softcap
+    logp = torch.log_softmax(logits, -1, out=logits)
+    total = F.nll_loss(logp, targets, reduction="sum")
+    grad = logp.exp_().mul_(scale)
+    rows = torch.arange(len(targets), device=grad.device)
+    grad[rows, targets] -= scale
+    if softcap:
+        grad.mul_(tanh.square_().neg_().add_(1.0))
+        del tanh
+    if grad.dtype != out.dtype:
+        grad = out.detach().copy_(grad)  # the head's output is not needed any more: its buffer takes it
+    (grad_hidden,) = torch.autograd.grad(out, h, grad)
+    return total, grad_hidden
+
+
 class _HeadLoss(torch.autograd.Function):
     """One chunk's summed cross-entropy through a frozen output layer, its backward done in its forward.
 
-    forward runs `_chunk_loss_sum` and its backward at once (a local autograd graph, freed on return) with
-    `scale` as the incoming gradient, the one the step's ``(sum / trained_tokens).backward()`` will send,
-    and keeps only the gradient of the chunk's hidden states. backward hands that gradient on as it is when
-    the incoming gradient is `scale` exactly (bit-identical to checkpointing the chunk: the same ops on the
-    same values), rescaled otherwise."""
+    forward runs `_fused_chunk_loss` with `scale` as the incoming gradient, the one the step's
+    ``(sum / trained_tokens).backward()`` will send, and keeps only the gradient of the chunk's hidden
+    states. backward hands that gradient on as it is when the incoming gradient is `scale` exactly,
+    rescaled otherwise."""
 
     @staticmethod
     def forward(ctx, hidden, targets, head, softcap, scale):
-        with torch.enable_grad():
-            h = hidden.detach().requires_grad_()
-            total = _chunk_loss_sum(h, targets, head, softcap)
-            (grad,) = torch.autograd.grad(total, h, scale)
+        total, grad = _fused_chunk_loss(hidden, targets, head, softcap, scale)
         ctx.save_for_backward(grad, scale)
         return total.detach()
 
