@@ -225,20 +225,7 @@ def patch(variant: str) -> None:
         if variant == "computed_down"
         else forward
     )
-    steps._fused_chunk_loss = autograd_chunk_loss if variant == "autograd_loss" else fused_loss
-
-
-def autograd_chunk_loss(hidden, targets, head, softcap, scale):
-    """`_fused_chunk_loss` as autograd makes it (the "autograd_loss" variant): cross-entropy's own backward."""
-    import torch
-
-    from cura.train import steps
-
-    with torch.enable_grad():
-        h = hidden.detach().requires_grad_()
-        total = steps._chunk_loss_sum(h, targets, head, softcap)
-        (grad,) = torch.autograd.grad(total, h, scale)
-    return total.detach(), grad
+    steps._fused_chunk_loss = steps.autograd_chunk_loss if variant == "autograd_loss" else fused_loss
 
 
 ABLATIONS = ("before", "ungrouped", *PATCHES)

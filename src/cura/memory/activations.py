@@ -175,8 +175,9 @@ def loss_chunk_bytes(shape: ModelShape, spec: PlanSpec) -> int:
     output in e when e != 4 (it takes the cast gradient back). With a trained one (full fine-tuning), and
     for a preference objective's per-token log-probabilities (`cura.train.preference`), the chunk's
     checkpointed recompute runs autograd's cross-entropy: the float32 log-softmax (c, V) it saves, the
-    gradient arriving at it and the gradient it passes to the logits: 3 * c * V * 4. The full (N', V) logits never exist. A soft-capped
-    head (Gemma 2) holds one more (c, V) float32 buffer (its tanh), not counted here."""
+    gradient arriving at it and the gradient it passes to the logits: 3 * c * V * 4. The full (N', V)
+    logits never exist. A soft-capped head (Gemma 2) holds one more (c, V) float32 buffer (its tanh), not
+    counted here."""
     c_v = spec.chunk * shape.vocab_size
     if spec.method != "full" and spec.sft_loss:
         return c_v * 4 + (c_v * spec.e if spec.e != 4 else 0)

@@ -38,6 +38,16 @@ def _chunk_loss_sum(
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+def autograd_chunk_loss(hidden, targets, head, softcap, scale):
+    """The reference of `_fused_chunk_loss`: the same loss and hidden-state gradient by autograd's own
+    cross-entropy backward (three fresh (c, V) float32 tensors)."""
+    with torch.enable_grad():
+        h = hidden.detach().requires_grad_()
+        total = _chunk_loss_sum(h, targets, head, softcap)
+        (grad,) = torch.autograd.grad(total, h, scale)
+    return total.detach(), grad
+
+
 def _fused_chunk_loss(hidden, targets, head, softcap, scale):
     """One chunk's summed cross-entropy and the gradient `scale` sends back through it to `hidden`, with
     the logits' gradient made in place in their own buffer: softmax * scale, minus scale at each target.
