@@ -43,7 +43,11 @@ def tiny_model(folder: Path) -> str:
 def measure(model: str, scratch: Path, repeats: int, label: str) -> dict:
     """Seconds per checkpoint save with and without fsync (medians of alternating repeats) and its size."""
     config = TrainConfig(
-        model=model, output_dir=str(scratch / "run"), progress=False, compute_dtype="float32"
+        model=model,
+        output_dir=str(scratch / "run"),
+        progress=False,
+        compute_dtype="float32",
+        gradient_checkpointing=True,
     )
     run = build_run(config, torch.device("cpu"), with_data=False, say=lambda *_: None)
     vocab = run.model.get_input_embeddings().weight.shape[0]

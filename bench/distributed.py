@@ -87,6 +87,8 @@ def run(model: Path, out: Path, steps: int, nproc: int, fsdp: bool = False) -> d
         "float32",
         "--save-every",
         "0",
+        "--gradient-checkpointing",
+        "true",  # the same recipe at 1 process as at N (auto keeps it on only under torchrun)
         "--progress",
         "false",
     ]

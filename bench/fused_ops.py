@@ -216,6 +216,7 @@ config = from_dict(
         "threads": threads,
         "compute_dtype": dtype,
         "data": {"max_length": 256},
+        "gradient_checkpointing": True,
     },
 )
 prepare_process(config, torch.device("cpu"), say=lambda m: None)

@@ -58,7 +58,7 @@ BUNDLED = "smollm2-135m"
 
 def run(name: str, model: str, batch: int, seq: int, **settings) -> dict:
     """One configuration: TrainConfig settings (nested plain data) on a model."""
-    data = {"batch_size": batch, "threads": 2, **settings}
+    data = {"batch_size": batch, "threads": 2, "gradient_checkpointing": True, **settings}
     data["data"] = {"max_length": seq, **settings.get("data", {})}
     return {"name": name, "model": model, "settings": data}
 

@@ -143,6 +143,7 @@ def run_cura(folder: str, dtype: str, precompute: bool, steps: int, workdir: str
         schedule="constant",
         warmup_steps=0,
         batch_size=BATCH,
+        gradient_checkpointing=True,
         max_steps=steps,
         save_every=0,
         progress=False,

@@ -235,7 +235,7 @@ def _cura_step(arm: str, folder: Path, device):
 
     config = TrainConfig(model=str(folder), method="qlora" if arm == "cura_qlora" else "lora",
                          compute_dtype="bfloat16", lora=LoraConfig(r=RANK, alpha=ALPHA, dropout=DROPOUT),
-                         schedule="constant")  # fmt: skip
+                         schedule="constant", gradient_checkpointing=True)  # fmt: skip
     run = build_run(config, device, with_data=False)  # the setup of `cura train` itself
     return (lambda batch: run.step([batch])["loss"]), run.model.config.vocab_size
 
@@ -334,7 +334,8 @@ def predicted_allocated(name: str, arm: str, batch: int, seq: int, dry: bool) ->
     from cura.train.plan import plan_spec
 
     config = TrainConfig(model=name, method="qlora" if arm == "cura_qlora" else "lora", compute_dtype="bfloat16",
-                         lora=LoraConfig(r=RANK, alpha=ALPHA, dropout=DROPOUT), batch_size=batch)  # fmt: skip
+                         lora=LoraConfig(r=RANK, alpha=ALPHA, dropout=DROPOUT), batch_size=batch,
+                         gradient_checkpointing=True)  # fmt: skip
     config = config.replace(data=dataclasses.replace(config.data, max_length=seq))
     p = plan(KNOWN_SHAPES[name], plan_spec(config, "cuda", native_bf16=True))
     state = p.term("optimizer state")  # paged: the pages in flight; host_bytes: the whole state

@@ -93,17 +93,44 @@ def test_demo_is_lighter_where_compute_is_float32():
     assert demo_settings({"compute_dtype": "float32", "batch_size": 8})["batch_size"] == 8  # the user wins
 
 
-def test_demo_skips_checkpointing_only_where_memory_is_plenty(monkeypatch):
-    import cura.demo
-    from cura.demo import NO_CHECKPOINTING_NEEDS, demo_settings
+def test_checkpointing_auto_is_off_only_where_the_plan_without_it_fits():
+    """The demo leaves gradient_checkpointing at `auto`; `cura train` decides it from the plan without
+    recompute and the free memory (`cura.train.plan.settle_checkpointing`), the same rule for any run."""
+    from cura.config import from_dict
+    from cura.demo import demo_settings
+    from cura.memory import plan, shape_from_source
+    from cura.memory.allocator import fast_malloc_bound
+    from cura.train.config import TrainConfig
+    from cura.train.plan import AUTO_CHECKPOINTING_SHARE, plan_spec, settle_checkpointing
 
-    monkeypatch.setattr(cura.demo, "available_memory", lambda: NO_CHECKPOINTING_NEEDS * 4)
-    assert demo_settings({})["gradient_checkpointing"] is False
-    assert demo_settings({"gradient_checkpointing": True})["gradient_checkpointing"] is True  # the user wins
-    monkeypatch.setattr(cura.demo, "available_memory", lambda: NO_CHECKPOINTING_NEEDS // 2)
-    assert demo_settings({})["gradient_checkpointing"] is True
-    monkeypatch.setattr(cura.demo, "available_memory", lambda: None)  # not Linux: the safe choice
-    assert demo_settings({})["gradient_checkpointing"] is True
+    config = from_dict(TrainConfig, demo_settings({"compute_dtype": "bfloat16"}))
+    assert config.gradient_checkpointing == "auto"
+    off = plan(
+        shape_from_source(config.model), plan_spec(config.replace(gradient_checkpointing=False), "cpu")
+    )
+    needs = fast_malloc_bound(off.peak_bytes)  # glibc's default malloc may hold this much (cpu_malloc auto)
+    settled, why = settle_checkpointing(config, "cpu", needs)
+    assert settled.gradient_checkpointing is False and "off" in why
+    settled, why = settle_checkpointing(config, "cpu", needs - 1)
+    assert settled.gradient_checkpointing is True and "recomputed" in why
+    tight = config.replace(cpu_malloc="tight")  # freed memory goes back: only the plan's margin is asked
+    assert (
+        settle_checkpointing(tight, "cpu", int(off.peak_bytes / AUTO_CHECKPOINTING_SHARE) + 1)[
+            0
+        ].gradient_checkpointing
+        is False
+    )
+    assert (
+        settle_checkpointing(config, "cpu", None)[0].gradient_checkpointing is True
+    )  # unknown: the safe choice
+    assert settle_checkpointing(config, "cpu", 10**15, world_size=2)[0].gradient_checkpointing is True
+    for setting in (True, False):  # a set value is kept, whatever the memory
+        assert settle_checkpointing(config.replace(gradient_checkpointing=setting), "cpu", 1) == (
+            config.replace(gradient_checkpointing=setting),
+            None,
+        )
+    with pytest.raises(ValueError, match="settle"):
+        plan_spec(config, "cpu")  # the two plans differ: an unsettled config has no plan
 
 
 def test_demo_says_how_long_it_will_take():

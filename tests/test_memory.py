@@ -217,7 +217,8 @@ def test_planner_honours_lora_exclude(exclude):
     lora = LoraConfig(r=8, exclude=exclude)
     attach_lora(model, lora)
     params = [p for p in model.parameters() if p.requires_grad]
-    config = TrainConfig(lora=lora, method="lora", compute_dtype="float32", data=DataConfig(max_length=24))
+    config = TrainConfig(lora=lora, method="lora", compute_dtype="float32", data=DataConfig(max_length=24),
+                         gradient_checkpointing=True)  # fmt: skip
     s = plan_spec(config, "cpu")
     assert s.lora_exclude == exclude
     shape = shape_from_config(model.config.to_dict())
@@ -591,6 +592,26 @@ def test_cli_estimate_json(capsys):
     assert data["fit"]["budget_bytes"] == 24564 * MiB
 
 
+def test_cli_estimate_settles_checkpointing_auto_as_train_would(capsys):
+    """`gradient_checkpointing: auto` is planned as `cura train` would decide it: against the --fit budget
+    (off where the plan without recompute fits it with margin); without a budget a GPU plan keeps it on.
+    The decision goes to stderr, so --json stays parseable."""
+
+    def estimate(*args):
+        assert main(["estimate", "--json", *args]) == 0
+        captured = capsys.readouterr()
+        return json.loads(captured.out)["plan"]["settings"]["gradient_checkpointing"], captured.err
+
+    ckpt, err = estimate("--model", "smollm2-135m", "--fit", "24GB")
+    assert ckpt is False and "gradient_checkpointing auto: off" in err
+    ckpt, err = estimate("--model", "llama-3-8b", "--seq-len", "2048", "--fit", "12GB")
+    assert ckpt is True and "gradient_checkpointing auto: on" in err
+    ckpt, err = estimate("--model", "smollm2-135m")
+    assert ckpt is True and "planned on" in err
+    ckpt, err = estimate("--model", "smollm2-135m", "--fit", "24GB", "--gradient-checkpointing")
+    assert ckpt is True and err == ""  # set: nothing to decide
+
+
 def test_cli_estimate_takes_train_spellings_of_keys(capsys):
     """`cura train`'s flags work here too: --lora.r is --r, --data.max-length is --seq-len."""
     args = ["estimate", "--model", "llama-7b", "--device", "cpu", "--json"]
@@ -657,7 +678,7 @@ def predicted_and_measured(source: str, settings: dict) -> tuple[int, int]:
     from cura.train import TrainConfig, plan_spec
     from cura.train.measure import measure_in_subprocess
 
-    settings = {"threads": 2, "cpu_malloc": "tight", **settings}
+    settings = {"threads": 2, "cpu_malloc": "tight", "gradient_checkpointing": True, **settings}
     config = from_dict(TrainConfig, settings)
     predicted = plan(shape_from_source(source), plan_spec(config, "cpu")).peak_bytes
     return predicted, measure_in_subprocess(source, settings, steps=2).peak_increase

@@ -459,9 +459,10 @@ def test_planner_counts_two_sequences_per_pair():
 
     shape = KNOWN_SHAPES["smollm2-135m"]
     data = DataConfig(max_length=256, packing=False)
-    dpo = plan_spec(TrainConfig(objective="dpo", batch_size=2, data=data), "cuda")
-    kto = plan_spec(TrainConfig(objective="kto", batch_size=2, data=data), "cuda")
-    sft4 = plan_spec(TrainConfig(batch_size=4, data=data), "cuda")
+    ckpt = dict(gradient_checkpointing=True)
+    dpo = plan_spec(TrainConfig(objective="dpo", batch_size=2, data=data, **ckpt), "cuda")
+    kto = plan_spec(TrainConfig(objective="kto", batch_size=2, data=data, **ckpt), "cuda")
+    sft4 = plan_spec(TrainConfig(batch_size=4, data=data, **ckpt), "cuda")
     # the per-token plan, with the preference loss's chunks (checkpointed autograd cross-entropy, not
     # `loss_sum`'s in-place gradient)
     sft4 = dataclasses.replace(sft4, sft_loss=False)

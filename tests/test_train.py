@@ -57,6 +57,7 @@ def make_config(source, data, out, **overrides) -> TrainConfig:
         progress=False,
         seed=3,
         compute_dtype="float32",  # the same numbers on every CPU ("auto" picks bf16 where it is native)
+        gradient_checkpointing=True,  # the path with recompute ("auto" would skip it where memory is free)
     )
     settings.update(overrides)
     return TrainConfig(**settings)
@@ -411,3 +412,42 @@ def test_cli_sigterm_saves_and_resume_finishes(tiny_source, tiny_data, tmp_path)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert [s for s, _ in losses(out)] == list(range(1, done + 3))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_checkpointing_on_or_off_trains_the_same_weights(tiny_source, tiny_data, tmp_path, dtype):
+    """Recomputing a layer in backward changes memory, not numbers: the losses and the adapter are bit for
+    bit those of a run that kept every activation (so `gradient_checkpointing` may differ on a resume)."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for ckpt in (True, False):
+        out = tmp_path / f"ckpt-{ckpt}"
+        train(make_config(tiny_source, tiny_data, out, gradient_checkpointing=ckpt, compute_dtype=dtype))
+        runs[ckpt] = (losses(out), load_file(out / "adapter" / "adapter_model.safetensors"))
+    assert runs[True][0] == runs[False][0]
+    assert runs[True][1].keys() == runs[False][1].keys()
+    assert all(torch.equal(runs[True][1][k], runs[False][1][k]) for k in runs[True][1])
+
+
+def test_checkpointing_auto_is_decided_said_and_may_change_on_resume(tiny_source, tiny_data, tmp_path):
+    """`auto` (the default) is settled before the model loads and said in one line; config.json keeps the
+    decision; a resume with checkpointing set the other way needs no --allow-change and gives the losses of
+    an uninterrupted run."""
+    reference = tmp_path / "reference"
+    train(make_config(tiny_source, tiny_data, reference, gradient_checkpointing=True))
+    out, messages = tmp_path / "auto", []
+
+    def interrupt_at_3(step, row):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    first = make_config(tiny_source, tiny_data, out, gradient_checkpointing="auto")
+    train(first, hooks=TrainHooks(on_step_end=interrupt_at_3), say=messages.append)
+    said = [m for m in messages if m.startswith("gradient_checkpointing auto:")]
+    assert len(said) == 1 and ": off," in said[0]  # a tiny model's activations fit anywhere
+    assert json.loads((out / "config.json").read_text())["gradient_checkpointing"] is False
+    resumed = train(make_config(tiny_source, tiny_data, out, gradient_checkpointing=True, resume=True))
+    assert resumed["completed"]
+    assert losses(out) == losses(reference)
+    assert json.loads((out / "config.json").read_text())["gradient_checkpointing"] is True

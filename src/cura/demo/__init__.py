@@ -14,8 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cura.memory.allocator import available_memory
-
 HERE = Path(__file__).parent
 TRAIN_FILE = HERE / "orders_train.jsonl"
 EVAL_FILE = HERE / "orders_eval.jsonl"
@@ -39,11 +37,6 @@ DEMO = {
 # no checkpointing): bf16 batch 4 2.07 s/step, 117 s in all, exact match 0% -> 88%; AVX2 float32 batch 2
 # 2.45 s/step, 160 s, 0% -> 78% (a Xeon with checkpointing: 4.3 and 5.2 s/step, 239 and 299 s).
 DEMO_FLOAT32: dict[str, Any] = {"batch_size": 2}
-NO_CHECKPOINTING_NEEDS = 4 * 2**30
-"""Available memory from which the demo trains without activation checkpointing: no recompute of every layer
-in backward, 1.26x the tokens per second on 2 cores (bfloat16, 12 steps, interleaved twice: 505 and 541 vs
-419 and 408 tokens/s). Its peak RSS was 2.2 GiB without and 1.3 GiB with checkpointing; this leaves about
-twice that. With less free memory checkpointing stays on."""
 MEASURED_MINUTES = {"bfloat16": 4, "float32": 5}  # the whole demo, first run, 2 cores (bench/demo.py)
 
 
@@ -80,9 +73,6 @@ def demo_settings(user: dict[str, Any]) -> dict[str, Any]:
     base = _merge(DEMO, DEMO_FLOAT32) if float32_compute(user.get("compute_dtype", "auto")) else DEMO
     settings = _merge(base, user)
     settings.setdefault("output_dir", f"cura-runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    if "gradient_checkpointing" not in user:  # a 135M model's activations fit: skip the recompute
-        available = available_memory()
-        settings["gradient_checkpointing"] = available is None or available < NO_CHECKPOINTING_NEEDS
     return settings
 
 

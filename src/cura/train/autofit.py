@@ -9,6 +9,7 @@ base, batch size, LoRA rank, sequence length). A smaller batch (a divisor of the
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 
@@ -66,6 +67,9 @@ def auto_fit(config: TrainConfig, memory: str, *, say: Callable[[str], None] = _
     if device.type == "cpu":
         config = cpu_malloc_for_fit(config, say)
         runtime = runtime_rss()
+    auto_checkpointing = config.gradient_checkpointing == "auto"
+    if auto_checkpointing:  # start from the faster choice: recompute is fit's first (cheapest) change
+        config = config.replace(gradient_checkpointing=False)
     shape = shape_from_source(config.model)
     spec = plan_spec(config, device.type, native_bf16=bf16)
     # a CPU plan is what a run adds to the process (Python, torch and transformers are resident already); with
@@ -80,6 +84,14 @@ def auto_fit(config: TrainConfig, memory: str, *, say: Callable[[str], None] = _
             f"run's plan must fit in the {format_bytes(max(room, 0))} left"
         )
     result = fit(shape, spec, max(room, 1), bf16_ok=bf16)
+    if auto_checkpointing:
+        result = dataclasses.replace(
+            result,
+            changes=tuple(
+                dataclasses.replace(c, old="auto") if c.field == "gradient_checkpointing" else c
+                for c in result.changes
+            ),
+        )
     if not result.fits:
         raise CuraError(
             f"--auto-fit {memory}: even after {', '.join(config_key(c.field) for c in result.changes) or 'every change'} "
@@ -87,8 +99,10 @@ def auto_fit(config: TrainConfig, memory: str, *, say: Callable[[str], None] = _
             "smaller model or more memory (see `cura estimate --fit`)"
         )
     if result.fits_as_is:
+        without = " without checkpointing (gradient_checkpointing auto: off)" if auto_checkpointing else ""
         say(
-            f"auto-fit: the planned peak {format_bytes(result.original.peak_bytes)} fits in {budget.label}; nothing changed"
+            f"auto-fit: the planned peak {format_bytes(result.original.peak_bytes)}{without} fits in "
+            f"{budget.label}; nothing changed"
         )
         return config
     say(describe(config, result, budget.label))

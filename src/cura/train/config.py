@@ -92,8 +92,9 @@ class TrainConfig:
     """micro-batches per optimizer step"""
     max_grad_norm: float = 0.3
     """gradient clipping norm (QLoRA's default); 0 disables clipping"""
-    gradient_checkpointing: bool = True
-    """recompute each layer in backward instead of keeping its activations"""
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    """recompute each layer in backward instead of keeping its activations; auto: only when the plan without
+    it does not fit the memory available (cura.train.plan.settle_checkpointing)"""
     fsdp: bool = False
     """with --nproc N / torchrun: shard the 4-bit base, LoRA weights and optimizer state across the N processes (FSDP2)"""
     loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS

@@ -39,7 +39,7 @@ from cura.train.checkpoint import (
 from cura.train.config import TrainConfig
 from cura.train.distributed import check_same_checkpoint, check_world_size, init_world
 from cura.train.preference_report import preference_summary, preference_text
-from cura.train.preflight import preflight
+from cura.train.preflight import preflight, settle_for_device
 from cura.train.report import (
     MetricsLog,
     log_row,
@@ -113,6 +113,7 @@ def train(config: TrainConfig, *, hooks: TrainHooks | None = None, say: Say = _s
             # a missing tracker library stops here, before anything loads
             tracking = prepare_tracking(config, say)
             device = world.device or default_device()
+            config = settle_for_device(config, device, world.size, say)  # gradient_checkpointing: auto
             preflight(config, device)  # the sequence fits the model's context, the plan fits the memory
             device, _ = prepare_process(config, device, say=say)
             run = build_run(config, device, say=say, world=world)

@@ -1,4 +1,5 @@
-"""The planner's view of a run: `plan_spec(config, device)` builds `cura.memory.PlanSpec` from a TrainConfig.
+"""The planner's view of a run: `plan_spec(config, device)` builds `cura.memory.PlanSpec` from a TrainConfig,
+and `settle_checkpointing` decides `gradient_checkpointing: auto` from the plan and the memory available.
 
 The planner itself (`cura.memory`) is formulas over plain values and knows nothing of TrainConfig; the run's
 settings are read here, on the train side, so no default lives twice. Torch-free: `cura estimate` uses it.
@@ -6,7 +7,11 @@ settings are read here, on the train side, so no default lives twice. Torch-free
 
 from __future__ import annotations
 
-from cura.memory import PlanSpec, resolve_compute_dtype
+import dataclasses
+
+from cura.errors import CuraError
+from cura.memory import PlanSpec, format_bytes, plan, resolve_compute_dtype, shape_from_source
+from cura.memory.allocator import fast_malloc_bound
 from cura.train.config import TrainConfig
 from cura.train.preference_config import PAIRED
 
@@ -21,7 +26,12 @@ def plan_spec(
 ) -> PlanSpec:
     """Every input comes from `config`; `device` is "cpu" or "cuda", `method` may be "full" (which
     TrainConfig does not train but the planner compares against), `native_bf16` says whether the device has
-    bfloat16 (for `compute_dtype: auto`; None: `cura.memory.resolve_compute_dtype`'s assumption)."""
+    bfloat16 (for `compute_dtype: auto`; None: `cura.memory.resolve_compute_dtype`'s assumption).
+    `gradient_checkpointing` must be settled first (`settle_checkpointing`): the two plans differ."""
+    if not isinstance(config.gradient_checkpointing, bool):
+        raise ValueError(
+            "plan_spec needs gradient_checkpointing true or false: settle 'auto' with settle_checkpointing first"
+        )
     targets = config.lora.target_modules
     return PlanSpec(
         method=method or config.method,
@@ -44,4 +54,53 @@ def plan_spec(
         fsdp=config.fsdp and world_size > 1,
         sequences_per_example=2 if config.objective in PAIRED else 1,
         sft_loss=config.objective == "sft",
+    )
+
+
+AUTO_CHECKPOINTING_SHARE = 0.8
+"""`gradient_checkpointing: auto` keeps every layer's activations only when the plan without recompute takes at
+most this part of the memory available: the planner is within 10% of measured peaks (bench/memory.py), and
+the rest is left to whatever else the machine runs. On a CPU with glibc's default malloc (`cpu_malloc` auto or
+fast) the bound is `cura.memory.allocator.fast_malloc_bound` instead, the most that malloc may hold."""
+
+
+def settle_checkpointing(
+    config: TrainConfig,
+    device: str,
+    available: int | None,
+    *,
+    native_bf16: bool | None = None,
+    world_size: int = 1,
+) -> tuple[TrainConfig, str | None]:
+    """(`config` with gradient_checkpointing true or false, the sentence that says why or None when the config
+    set it). `auto` is off, the faster choice (no layer is run twice), when the run's plan without recompute
+    fits in `available` bytes with the margin above; on when it does not, when `available` is unknown (None),
+    when the planner cannot read the model's shape, or under torchrun (`world_size` > 1: every rank must
+    choose alike, and their free memory is not compared)."""
+    setting = config.gradient_checkpointing
+    if isinstance(setting, bool):
+        return config, None
+    on = dataclasses.replace(config, gradient_checkpointing=True)
+    prefix = "gradient_checkpointing auto: on, each layer is recomputed in backward"
+    if world_size > 1:
+        return on, f"{prefix} (several processes: set it to false to keep activations on every rank)"
+    if available is None:
+        return on, f"{prefix} (the memory available is not known here)"
+    try:
+        shape = shape_from_source(config.model)
+    except CuraError:
+        return on, f"{prefix} (the planner cannot read this model's shape)"
+    off = dataclasses.replace(config, gradient_checkpointing=False)
+    peak = plan(shape, plan_spec(off, device, native_bf16=native_bf16)).peak_bytes
+    needs = int(peak / AUTO_CHECKPOINTING_SHARE)
+    if device == "cpu" and config.cpu_malloc != "tight":
+        needs = max(needs, fast_malloc_bound(peak))
+    if needs <= available:
+        return off, (
+            f"gradient_checkpointing auto: off, every layer's activations are kept (no recompute): the plan "
+            f"without checkpointing, {format_bytes(peak)}, fits in the {format_bytes(available)} available"
+        )
+    return on, (
+        f"{prefix}: without it the plan is {format_bytes(peak)}, and {format_bytes(needs)} would have to be "
+        f"free ({format_bytes(available)} is)"
     )

@@ -1,5 +1,6 @@
 """Checks a run passes before a model is loaded: the sequence fits the model's context, and the planned peak
-fits the memory the device has. Each failure is one sentence with the fix; nothing is written.
+fits the memory the device has. Each failure is one sentence with the fix; nothing is written. Before them,
+`settle_for_device` decides `gradient_checkpointing: auto` against the same memory figure.
 
     context   data.max_length <= the model's context length (config.json `max_position_embeddings`, the
               GGUF's `<arch>.context_length`), when the source says it
@@ -46,6 +47,23 @@ def device_available_bytes(device_type: str) -> tuple[int | None, str]:
     return available_memory(), "this machine (MemAvailable)"
 
 
+def settle_for_device(config, device, world_size: int = 1, say=None):
+    """`config` with `gradient_checkpointing: auto` decided for `device` (a torch.device) from its free memory
+    (`cura.train.plan.settle_checkpointing`); says why through `say` when it decided."""
+    from cura.hardware import native_bf16
+    from cura.train.plan import settle_checkpointing
+
+    if isinstance(config.gradient_checkpointing, bool):
+        return config
+    available = device_available_bytes(device.type)[0] if world_size == 1 else None
+    config, why = settle_checkpointing(
+        config, device.type, available, native_bf16=native_bf16(device), world_size=world_size
+    )
+    if say is not None and why:
+        say(why)
+    return config
+
+
 def preflight(config, device) -> None:
     """Both checks for `config` on `device` (a torch.device); a source whose shape the planner cannot read
     is left to the loader, which says what is wrong with it."""
@@ -58,6 +76,7 @@ def preflight(config, device) -> None:
     except CuraError:
         return
     check_context(shape, config.data.max_length, config.model)
+    config = settle_for_device(config, device)  # `cura train` has settled it already
     peak = plan(shape, plan_spec(config, device.type, native_bf16=native_bf16(device))).peak_bytes
     available, where = device_available_bytes(device.type)
     if getattr(config, "force", False):  # the user insists (--force): the loader or the OS will tell

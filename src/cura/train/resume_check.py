@@ -46,6 +46,7 @@ NEUTRAL = {
     "report_to",  # trackers may be added or dropped on a resume (train/tracking.py)
     "optim_paging",  # where the optimizer state lives, not its values
     "force",  # starting although the plan does not fit changes nothing trained
+    "gradient_checkpointing",  # memory, not numbers: bit-identical weights (tests/test_train.py); `auto` may differ
 }
 """Config keys that do not change the trained weights: never compared."""
 

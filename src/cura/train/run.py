@@ -37,6 +37,7 @@ from cura.train.config import TrainConfig
 from cura.train.distributed import World, evaluate_loss_over_ranks, reseed_per_rank, shard_batches
 from cura.train.fsdp import LayerSharder, check_fsdp
 from cura.train.preference_config import WITH_REFERENCE
+from cura.train.preflight import settle_for_device
 from cura.train.steps import enable_activation_checkpointing, lr_lambda, optimizer_step
 
 Say = Callable[[str], None]
@@ -316,6 +317,7 @@ def build_run(
             "which is not yet summed across ranks): train it without --nproc / torchrun, or use dpo / orpo"
         )
     check_fsdp(config, world)  # --fsdp needs several processes (cura.train.fsdp)
+    config = settle_for_device(config, device, world.size)  # `cura train` has settled it already
     compute_dtype = resolve_compute_dtype(config.compute_dtype, device)
     tokenizer, data = load_data(config, say) if with_data else (None, None)
     # --fsdp: each layer sharded as it loads, so a rank never holds the whole base (cura.train.fsdp)

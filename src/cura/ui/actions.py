@@ -27,7 +27,7 @@ EDITABLE = {
     "data.packing": bool,
     "lora.r": int,
     "lora.alpha": float,
-    "gradient_checkpointing": bool,
+    "gradient_checkpointing": str,  # true, false or auto
     "optimizer": str,
     "compute_dtype": str,
     "loss_chunk_tokens": int,
@@ -227,7 +227,7 @@ def plan_run(ws: Workspace, model: str | None, data: str | None, settings: dict,
     from cura.memory import fit, format_bytes, plan, resolve_memory, shape_from_source
     from cura.memory.report import PHASES, fit_to_dict
     from cura.train.config import TrainConfig
-    from cura.train.plan import plan_spec
+    from cura.train.plan import plan_spec, settle_checkpointing
 
     config = from_dict(TrainConfig, settings_data(ws, model, data, settings))
     if target:
@@ -238,6 +238,7 @@ def plan_run(ws: Workspace, model: str | None, data: str | None, settings: dict,
     else:
         budget_bytes, label, device = machine_budget()
         bf16 = None
+    config, why = settle_checkpointing(config, device, budget_bytes, native_bf16=bf16)
     shape = shape_from_source(config.model)
     spec = plan_spec(config, device, native_bf16=bf16)
     the_plan = plan(shape, spec)
@@ -257,6 +258,7 @@ def plan_run(ws: Workspace, model: str | None, data: str | None, settings: dict,
         "budget_bytes": budget_bytes,
         "device": device,
         "fit": fit_to_dict(result, label),
+        "checkpointing": why,  # how `auto` was decided (None when the settings set it)
         "command": jobs.display_command(args),
     }
 
