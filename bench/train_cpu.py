@@ -910,7 +910,7 @@ def write_report(report: dict, args) -> None:
         "lora_r": RANK,
         "lora_dropout": 0.05,
         "threads": 2,
-        "gradient_checkpointing": True,
+        "gradient_checkpointing": "true (cura_qlora_defaults: auto, as settled in its run)",
         "quick": args.quick,
         "steps": args.steps,
         "warmup": args.warmup,
@@ -919,6 +919,10 @@ def write_report(report: dict, args) -> None:
         **report,
     }
     path = Path(__file__).parent / "results" / "train_cpu.json"
+    if path.exists():  # --interleaved-only's section (its own machine record) is kept until it is rerun
+        earlier = json.loads(path.read_text()).get("interleaved")
+        if earlier:
+            out["interleaved"] = earlier
     write_json(path, out)
     for kind, entry in report["kinds"].items():
         print(kind, json.dumps(entry["aims"], indent=1))
