@@ -308,7 +308,7 @@ def child_mode(spec: dict) -> dict:
     return {
         "mode": spec["mode"],
         "dtype": resolved,
-        "gradient_checkpointing": step.checkpointing,
+        "gradient_checkpointing": getattr(step, "checkpointing", True),  # peft: always on here
         "threads": torch.get_num_threads(),
         "batch_x_seq": list(spec.get("size", (BATCH, SEQ))),
         "median_step_seconds": statistics.median(times),
