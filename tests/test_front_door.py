@@ -181,6 +181,25 @@ def test_auto_fit_on_a_cpu_fits_what_the_process_will_hold(monkeypatch):
     assert any("300 MiB of 1 GiB is this process before loading" in m for m in messages)
 
 
+def test_a_bare_flag_is_true_also_where_auto_is_allowed():
+    """`--gradient-checkpointing` alone still means true now that the key also takes `auto`."""
+    import argparse
+
+    from cura.cli import config_settings
+    from cura.cli.train import add_config_flags
+    from cura.config import from_dict
+    from cura.train import TrainConfig
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("config", nargs="?")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    add_config_flags(parser, TrainConfig, set())
+    for argv, value in ((["--gradient-checkpointing"], True), (["--gradient-checkpointing", "false"], False),
+                        (["--gradient-checkpointing", "auto"], "auto"), ([], "auto")):  # fmt: skip
+        config = from_dict(TrainConfig, config_settings(parser.parse_args(argv)))
+        assert config.gradient_checkpointing == value and type(config.gradient_checkpointing) is type(value)
+
+
 def test_every_train_flag_has_a_meaning():
     """`cura train --help` gives each flag one line of meaning, read from the config's own field docs."""
     from cura.config import leaf_docs, leaf_fields

@@ -7,6 +7,7 @@ the dataclasses so no default is restated here; a few short aliases cover the co
 from __future__ import annotations
 
 import argparse
+from typing import get_args
 
 from cura.cli import SUBCOMMANDS, config_settings
 from cura.config import field_help, from_dict, leaf_docs, leaf_fields, set_path
@@ -117,7 +118,8 @@ def add_config_flags(p: argparse.ArgumentParser, cls, taken: set[str]) -> None:
     for key, tp, f in leaf_fields(cls):
         if key in taken:
             continue
-        extra = {"nargs": "?", "const": "true"} if tp is bool else {}
+        # a bare `--flag` means true, also for `bool | "auto"` (gradient_checkpointing)
+        extra = {"nargs": "?", "const": "true"} if tp is bool or bool in get_args(tp) else {}
         p.add_argument(
             "--" + key.replace("_", "-"),
             dest=f"cfg:{key}",
