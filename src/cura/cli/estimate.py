@@ -115,7 +115,7 @@ def settings_from_args(args) -> tuple[dict, str | None]:
     return data, method
 
 
-def settle_estimate_checkpointing(config, device: str, budget: int | None, nproc: int):
+def settle_estimate_checkpointing(config, shape, device: str, budget: int | None, nproc: int):
     """`gradient_checkpointing: auto` decided as `cura train` would: against the --fit budget, or with
     --device cpu against this machine's free memory; otherwise (a GPU not named) planned on. Says which on
     stderr (stdout may be --json)."""
@@ -124,13 +124,15 @@ def settle_estimate_checkpointing(config, device: str, budget: int | None, nproc
 
     if isinstance(config.gradient_checkpointing, bool):
         return config
-    available = budget if budget is not None else available_memory() if device == "cpu" else None
-    config, why = settle_checkpointing(config, device, available, world_size=nproc)
-    if budget is None and device != "cpu":
+    if budget is None and device != "cpu" and nproc == 1:  # the GPU's free memory is `cura train`'s to read
+        config = config.replace(gradient_checkpointing=True)
         why = (
             "gradient_checkpointing auto: planned on; `cura train` turns it off when the plan without it fits "
             "the GPU's free memory (--fit SIZE decides against a budget)"
         )
+    else:
+        available = budget if budget is not None else available_memory() if device == "cpu" else None
+        config, why = settle_checkpointing(config, device, available, world_size=nproc, shape=shape)
     print(why, file=sys.stderr)
     return config
 
@@ -154,7 +156,9 @@ def run(args) -> int:
         raise CuraError(f"--nproc must be at least 1, got {args.nproc}")
     if config.fsdp and args.nproc < 2:
         raise CuraError("--fsdp shards the model across processes: give --nproc N with N >= 2 as well")
-    config = settle_estimate_checkpointing(config, device, budget.bytes if budget else None, args.nproc)
+    config = settle_estimate_checkpointing(
+        config, shape, device, budget.bytes if budget else None, args.nproc
+    )
     spec = plan_spec(config, device, method=method, native_bf16=native_bf16, world_size=args.nproc)
     the_plan = plan(shape, spec)
     result = fit(shape, spec, budget.bytes, bf16_ok=native_bf16 is not False) if budget else None

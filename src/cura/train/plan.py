@@ -71,12 +71,13 @@ def settle_checkpointing(
     *,
     native_bf16: bool | None = None,
     world_size: int = 1,
+    shape=None,
 ) -> tuple[TrainConfig, str | None]:
     """(`config` with gradient_checkpointing true or false, the sentence that says why or None when the config
     set it). `auto` is off, the faster choice (no layer is run twice), when the run's plan without recompute
     fits in `available` bytes with the margin above; on when it does not, when `available` is unknown (None),
     when the planner cannot read the model's shape, or under torchrun (`world_size` > 1: every rank must
-    choose alike, and their free memory is not compared)."""
+    choose alike, and their free memory is not compared). `shape`: the model's, when the caller has read it."""
     setting = config.gradient_checkpointing
     if isinstance(setting, bool):
         return config, None
@@ -87,7 +88,7 @@ def settle_checkpointing(
     if available is None:
         return on, f"{prefix} (the memory available is not known here)"
     try:
-        shape = shape_from_source(config.model)
+        shape = shape or shape_from_source(config.model)
     except CuraError:
         return on, f"{prefix} (the planner cannot read this model's shape)"
     off = dataclasses.replace(config, gradient_checkpointing=False)

@@ -47,9 +47,10 @@ def device_available_bytes(device_type: str) -> tuple[int | None, str]:
     return available_memory(), "this machine (MemAvailable)"
 
 
-def settle_for_device(config, device, world_size: int = 1, say=None):
+def settle_for_device(config, device, world_size: int = 1, say=None, shape=None):
     """`config` with `gradient_checkpointing: auto` decided for `device` (a torch.device) from its free memory
-    (`cura.train.plan.settle_checkpointing`); says why through `say` when it decided."""
+    (`cura.train.plan.settle_checkpointing`; `shape` when read already); says why through `say` when it
+    decided."""
     from cura.hardware import native_bf16
     from cura.train.plan import settle_checkpointing
 
@@ -57,7 +58,7 @@ def settle_for_device(config, device, world_size: int = 1, say=None):
         return config
     available = device_available_bytes(device.type)[0] if world_size == 1 else None
     config, why = settle_checkpointing(
-        config, device.type, available, native_bf16=native_bf16(device), world_size=world_size
+        config, device.type, available, native_bf16=native_bf16(device), world_size=world_size, shape=shape
     )
     if say is not None and why:
         say(why)
@@ -76,7 +77,7 @@ def preflight(config, device) -> None:
     except CuraError:
         return
     check_context(shape, config.data.max_length, config.model)
-    config = settle_for_device(config, device)  # `cura train` has settled it already
+    config = settle_for_device(config, device, shape=shape)  # `cura train` has settled it already
     peak = plan(shape, plan_spec(config, device.type, native_bf16=native_bf16(device))).peak_bytes
     available, where = device_available_bytes(device.type)
     if getattr(config, "force", False):  # the user insists (--force): the loader or the OS will tell

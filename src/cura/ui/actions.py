@@ -238,8 +238,8 @@ def plan_run(ws: Workspace, model: str | None, data: str | None, settings: dict,
     else:
         budget_bytes, label, device = machine_budget()
         bf16 = None
-    config, why = settle_checkpointing(config, device, budget_bytes, native_bf16=bf16)
     shape = shape_from_source(config.model)
+    config, why = settle_checkpointing(config, device, budget_bytes, native_bf16=bf16, shape=shape)
     spec = plan_spec(config, device, native_bf16=bf16)
     the_plan = plan(shape, spec)
     result = fit(shape, spec, budget_bytes, bf16_ok=bf16 is not False)
