@@ -20,7 +20,12 @@ ui_out="$("$venv/bin/cura" ui --workspace "$work" 2>&1 || true)"
 case "$ui_out" in *"pip install 'cura[ui]'"*) ;; *) echo "front door: cura ui without its extra said: $ui_out" >&2; exit 1;; esac
 # a fresh cache: the demo converts the bundled GGUF as on a new machine (the path that needs accelerate)
 export CURA_CACHE="$work/cache"
-(cd "$work" && "$venv/bin/cura" train --max-steps 3 --demo-prompts 4 --progress false) | tee "$work/demo.txt"
+(cd "$work" && "$venv/bin/cura" train --max-steps 3 --demo-prompts 4 --progress false) 2>&1 | tee "$work/demo.txt"
 grep -q "exact match" "$work/demo.txt" && grep -q "held-out loss" "$work/demo.txt" \
     || { echo "front door: the demo did not print its before/after table" >&2; exit 1; }
+# where a C++ compiler exists, cura's CPU pool builds in the clean venv and the demo runs on it
+if command -v c++ >/dev/null; then
+    grep -q "cpu_malloc=auto: pool" "$work/demo.txt" \
+        || { echo "front door: the demo did not run on cura's CPU pool although c++ exists" >&2; exit 1; }
+fi
 echo "front door: README's first command installs and runs the demo"

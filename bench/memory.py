@@ -14,9 +14,12 @@ does and runs three optimizer steps (`cura.train.measure`):
     CUDA  measured = torch.cuda.max_memory_allocated()
           predicted = plan(...).peak_bytes - its framework overhead term (the context is not allocated)
 
-The CPU runs fix glibc's mmap threshold first, as `cura train` does with cpu_malloc=tight (what the plan's peak
-promises; `cura.memory.allocator`) and write bench/results/memory.json; `--malloc fast` keeps glibc's default
-(cpu_malloc=fast) and writes bench/results/memory-fast.json, the measurements behind FAST_RETENTION.
+The CPU runs use cura's pool, as `cura train` does by default (cpu_malloc=pool: `cura.train.cpu_pool`, holding
+at most the plan's tensors + 5%), and write bench/results/memory.json; `--malloc tight` fixes glibc's mmap
+threshold instead (cpu_malloc=tight, what the plan's peak promised before the pool) and writes
+bench/results/memory-tight.json; `--malloc fast` keeps glibc's default (cpu_malloc=fast) and writes
+bench/results/memory-fast.json, the measurements behind FAST_RETENTION. Each row records its step time too,
+so the files also compare the allocators' speed.
 """
 
 from __future__ import annotations
@@ -116,7 +119,7 @@ def compare(entry: dict, source: str, device: str, malloc: str) -> dict:
         **entry,
         "device": device,
         "compute_dtype": the_plan.spec.compute_dtype,
-        "malloc_pinned": measured.malloc_pinned,
+        "allocator": measured.allocator,
         "predicted_peak_bytes": predicted,
         "measured_peak_bytes": measured.peak_increase,
         "error": (predicted - measured.peak_increase) / measured.peak_increase,
@@ -135,7 +138,7 @@ def main() -> None:
     )
     parser.add_argument("--only", default="", help="comma-separated configuration names")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--malloc", choices=("tight", "fast"), default="tight")
+    parser.add_argument("--malloc", choices=("pool", "tight", "fast"), default="pool")
     parser.add_argument("--models", default=os.path.join(tempfile.gettempdir(), "cura-bench-memory-models"))
     args = parser.parse_args()
     only = {n.strip() for n in args.only.split(",") if n.strip()}
@@ -151,7 +154,7 @@ def main() -> None:
             f"{row['measured_peak_bytes'] / MiB:8.1f} MiB  error {row['error']:+6.1%}  ({row['peak_phase']})",
             flush=True,
         )
-    out = RESULTS if args.malloc == "tight" else RESULTS.with_name("memory-fast.json")
+    out = RESULTS if args.malloc == "pool" else RESULTS.with_name(f"memory-{args.malloc}.json")
     if only and out.is_file():  # --only: replace those rows of the last full run, keep the others
         fresh = {r["name"] for r in rows}
         kept = [r for r in json.loads(out.read_text())["results"] if r["name"] not in fresh]

@@ -23,6 +23,7 @@ Sections, each mode in its own subprocess (so peak RSS is its own), on each CPU 
       peft_lora[_bf16]        transformers full-precision base + peft, torch AdamW
       cura_lora[_fp32]        cura on the full-precision base, PagedAdamW
       cura_qlora[_fp32]       cura on the NF4 + double-quantization base, PagedAdamW
+                              (every cura mode on the CPU allocator `cura train` sets up: its pool)
       cura_qlora_defaults     cura_qlora with `gradient_checkpointing: auto` as `cura train` settles it here
                               (off where the plan without recompute fits the free memory; its MFU counts
                               the FLOPs of a step without recompute)
@@ -32,7 +33,7 @@ Sections, each mode in its own subprocess (so peak RSS is its own), on each CPU 
 - ablations: cura_qlora with one speed change undone at a time (`undo`: torch's Bernoulli dropout, no
   shared-input groups, no recompute-kept weights, no scratch buffer, PEFT's three-pass LoRA update, the
   checkpointed loss chunk, down_proj's matmul in the recompute, autograd's cross-entropy backward instead of
-  the in-place one), same run, each in its own process;
+  the in-place one, glibc's default malloc instead of cura's CPU pool), same run, each in its own process;
 - interleaved (`--interleaved-only`, merged into the results file): the swappable ones (`patch`) undone in
   turn step by step inside one process, on the demo's shape and on the benchmark's, per CPU kind;
 - profile: one cura_qlora step under torch.profiler, self CPU time by op family (matmul, dequantize,
@@ -175,7 +176,9 @@ def run_cura(
     from cura.adapters import LoraConfig
     from cura.data import DataConfig
     from cura.train import TrainConfig, build_run
+    from cura.train.autofit import apply_cpu_malloc
     from cura.train.measure import synthetic_batch
+    from cura.train.preflight import settle_for_device
 
     config = TrainConfig(
         model=folder,
@@ -186,7 +189,12 @@ def run_cura(
         batch_size=size[0],
         data=DataConfig(max_length=size[1], packing=packing),
         gradient_checkpointing=checkpointing,  # the benchmark's recipe, peft's too ("auto": cura's default)
+        cpu_malloc="fast" if ablation == "glibc_malloc" else "auto",
     )
+    config = settle_for_device(config, torch.device("cpu"))  # gradient_checkpointing auto, as `cura train`
+    apply_cpu_malloc(
+        config, say=lambda m: None
+    )  # the CPU allocator `cura train` sets up: its pool by default
     run = build_run(config, torch.device("cpu"), with_data=False)  # the setup of `cura train` itself
     undo(run.model, ablation)
     vocab = run.model.config.vocab_size
@@ -243,7 +251,7 @@ def patch(variant: str) -> None:
     steps._fused_chunk_loss = steps.autograd_chunk_loss if variant == "autograd_loss" else fused_loss
 
 
-ABLATIONS = ("before", "ungrouped", *PATCHES)
+ABLATIONS = ("before", "ungrouped", *PATCHES, "glibc_malloc")
 
 
 def undo(model, ablation: str | None) -> None:
@@ -255,7 +263,8 @@ def undo(model, ablation: str | None) -> None:
     buffer), "three_pass" (PEFT's ``result + (x A^T B^T) * scale`` instead of one addmm), "checkpointed_loss"
     (each loss chunk checkpointed, its logits made again in backward, instead of `_HeadLoss`), "computed_down"
     (the recompute runs mlp.down_proj's 4-bit matmul too, `recompute_output_unused` ignored), "autograd_loss"
-    (each loss chunk's gradient by autograd's cross-entropy backward, not in place in its logits)."""
+    (each loss chunk's gradient by autograd's cross-entropy backward, not in place in its logits),
+    "glibc_malloc" (glibc's default malloc, cpu_malloc=fast, instead of cura's pool; set in `run_cura`)."""
     from torch import nn
 
     from cura.nn.lora import LoRALinear
@@ -265,7 +274,7 @@ def undo(model, ablation: str | None) -> None:
     if ablation in PATCHES:
         patch(ablation)
     if ablation not in ("before", "ungrouped"):
-        return
+        return  # (glibc_malloc is set before the model is built, in `run_cura`)
     for m in model.modules():
         if not isinstance(m, LoRALinear):
             continue

@@ -93,31 +93,44 @@ def test_demo_is_lighter_where_compute_is_float32():
     assert demo_settings({"compute_dtype": "float32", "batch_size": 8})["batch_size"] == 8  # the user wins
 
 
-def test_checkpointing_auto_is_off_only_where_the_plan_without_it_fits():
+def test_checkpointing_auto_is_off_only_where_the_plan_without_it_fits(monkeypatch):
     """The demo leaves gradient_checkpointing at `auto`; `cura train` decides it from the plan without
     recompute and the free memory (`cura.train.plan.settle_checkpointing`), the same rule for any run."""
     from cura.config import from_dict
     from cura.demo import demo_settings
     from cura.memory import plan, shape_from_source
     from cura.memory.allocator import fast_malloc_bound
+    from cura.train import cpu_pool
     from cura.train.config import TrainConfig
     from cura.train.plan import AUTO_CHECKPOINTING_SHARE, plan_spec, settle_checkpointing
 
     config = from_dict(TrainConfig, demo_settings({"compute_dtype": "bfloat16"}))
     assert config.gradient_checkpointing == "auto"
-    off = plan(
-        shape_from_source(config.model), plan_spec(config.replace(gradient_checkpointing=False), "cpu")
-    )
-    needs = fast_malloc_bound(off.peak_bytes)  # glibc's default malloc may hold this much (cpu_malloc auto)
-    settled, why = settle_checkpointing(config, "cpu", needs)
+
+    def off_peak(c):  # the plan without recompute (with the pool, its headroom is a term)
+        return plan(
+            shape_from_source(c.model), plan_spec(c.replace(gradient_checkpointing=False), "cpu")
+        ).peak_bytes
+
+    fast = config.replace(cpu_malloc="fast")
+    needs = fast_malloc_bound(off_peak(fast))  # glibc's default malloc may hold this much
+    settled, why = settle_checkpointing(fast, "cpu", needs)
     assert settled.gradient_checkpointing is False and "off" in why
-    settled, why = settle_checkpointing(config, "cpu", needs - 1)
+    settled, why = settle_checkpointing(fast, "cpu", needs - 1)
     assert settled.gradient_checkpointing is True and "recomputed" in why
-    tight = config.replace(cpu_malloc="tight")  # freed memory goes back: only the plan's margin is asked
+    for malloc in ("tight", "pool"):  # freed memory goes back, or is held within the plan: its margin only
+        c = config.replace(cpu_malloc=malloc)
+        follows = int(off_peak(c) / AUTO_CHECKPOINTING_SHARE) + 1
+        assert settle_checkpointing(c, "cpu", follows)[0].gradient_checkpointing is False
+    # auto: cura's pool where it builds (this machine has a compiler), else glibc's default
+    follows = int(off_peak(config) / AUTO_CHECKPOINTING_SHARE) + 1
+    assert settle_checkpointing(config, "cpu", follows)[0].gradient_checkpointing is (
+        cpu_pool.buildable() is not None
+    )
+    monkeypatch.setenv("CURA_CPU_POOL", "0")
+    assert settle_checkpointing(config, "cpu", follows)[0].gradient_checkpointing is True
     assert (
-        settle_checkpointing(tight, "cpu", int(off.peak_bytes / AUTO_CHECKPOINTING_SHARE) + 1)[
-            0
-        ].gradient_checkpointing
+        settle_checkpointing(config, "cpu", fast_malloc_bound(off_peak(config)))[0].gradient_checkpointing
         is False
     )
     assert (
@@ -161,17 +174,18 @@ def test_loss_plot_has_the_held_out_points(tmp_path):
 
 def test_auto_fit_on_a_cpu_fits_what_the_process_will_hold(monkeypatch):
     """The plan of a CPU run is what it adds to the process: auto-fit leaves room for the runtime already
-    resident and for the planner's error, and makes glibc return freed memory so the plan holds."""
+    resident and for the planner's error, and holds memory to the plan (cura's pool where it builds, else
+    glibc made to return freed memory)."""
     import cura.train.autofit as autofit
     from cura.memory import plan
-    from cura.train import TrainConfig
+    from cura.train import TrainConfig, cpu_pool
     from cura.train.plan import plan_spec
 
     monkeypatch.setattr(autofit, "runtime_rss", lambda: 300 << 20)
     monkeypatch.setattr("cura.hardware.default_device", lambda: __import__("torch").device("cpu"))
     messages = []
     fitted = autofit.auto_fit(TrainConfig(model="smollm2-135m"), "1GB", say=messages.append)
-    assert fitted.cpu_malloc == "tight"
+    assert fitted.cpu_malloc == ("pool" if cpu_pool.buildable() is None else "tight")
     room = int((1 << 30) * autofit.FIT_HEADROOM) - (300 << 20)
     from cura.hardware import native_bf16
     from cura.memory import shape_from_source

@@ -673,21 +673,28 @@ MEASURED = {
 }  # fmt: skip
 
 
-def predicted_and_measured(source: str, settings: dict) -> tuple[int, int]:
+def predicted_and_measured(source: str, settings: dict, malloc: str = "tight") -> tuple[int, int]:
     from cura.config import from_dict
     from cura.train import TrainConfig, plan_spec
     from cura.train.measure import measure_in_subprocess
 
-    settings = {"threads": 2, "cpu_malloc": "tight", "gradient_checkpointing": True, **settings}
+    settings = {"threads": 2, "cpu_malloc": malloc, "gradient_checkpointing": True, **settings}
     config = from_dict(TrainConfig, settings)
     predicted = plan(shape_from_source(source), plan_spec(config, "cpu")).peak_bytes
     return predicted, measure_in_subprocess(source, settings, steps=2).peak_increase
 
 
+def allocators() -> tuple[str, ...]:
+    """glibc with its threshold fixed, and cura's pool where it builds here."""
+    from cura.train import cpu_pool
+
+    return ("tight", "pool") if cpu_pool.buildable() is None else ("tight",)
+
+
 @pytest.fixture(scope="module")
-def measured_peaks(tmp_path_factory) -> dict[str, tuple[int, int]]:
-    """(predicted, measured) per MEASURED model, each measured in its own fresh process; the processes run
-    side by side (each reads only its own RSS)."""
+def measured_peaks(tmp_path_factory) -> dict[tuple[str, str], tuple[int, int]]:
+    """(predicted, measured) per MEASURED model and allocator, each measured in its own fresh process; the
+    processes run side by side (each reads only its own RSS)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -698,14 +705,22 @@ def measured_peaks(tmp_path_factory) -> dict[str, tuple[int, int]]:
         torch.manual_seed(0)
         config = LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **dims)
         AutoModelForCausalLM.from_config(config).save_pretrained(folders[name])
-    with ThreadPoolExecutor(len(MEASURED)) as pool:
-        jobs = {n: pool.submit(predicted_and_measured, str(folders[n]), s) for n, (_, s) in MEASURED.items()}
-        return {name: job.result() for name, job in jobs.items()}
+    cases = [(n, m) for n in MEASURED for m in allocators()]
+    with ThreadPoolExecutor(len(cases)) as pool:
+        jobs = {
+            (n, m): pool.submit(predicted_and_measured, str(folders[n]), MEASURED[n][1], m) for n, m in cases
+        }
+        return {case: job.result() for case, job in jobs.items()}
 
 
+@pytest.mark.parametrize("malloc", ["tight", "pool"])
 @pytest.mark.parametrize("name", list(MEASURED))
-def test_predicted_peak_is_within_10_percent_of_measured_rss(measured_peaks, name):
-    predicted, measured = measured_peaks[name]
+def test_predicted_peak_is_within_10_percent_of_measured_rss(measured_peaks, name, malloc):
+    """The plan holds with glibc made to return freed memory (tight) and with cura's pool (whose headroom is
+    a term of the plan)."""
+    if (name, malloc) not in measured_peaks:
+        pytest.skip("cura's CPU pool cannot be built here")
+    predicted, measured = measured_peaks[name, malloc]
     assert abs(predicted - measured) / measured < 0.10, (predicted / MiB, measured / MiB)
 
 
@@ -785,7 +800,7 @@ def test_tight_cpu_malloc_returns_freed_tensors_to_the_system():
             [sys.executable, "-c", RETENTION_SCRIPT, mode], capture_output=True, text=True, timeout=120
         )
         assert done.returncode == 0, done.stderr
-        pinned, mib = done.stdout.split()
-        retained[mode] = (pinned, int(mib))
-    assert retained["tight"][0] == "True" and retained["tight"][1] < 16, retained
-    assert retained["fast"][0] == "False" and retained["fast"][1] > 200, retained
+        allocator, mib = done.stdout.split()
+        retained[mode] = (allocator, int(mib))
+    assert retained["tight"][0] == "tight" and retained["tight"][1] < 16, retained
+    assert retained["fast"][0] == "fast" and retained["fast"][1] > 200, retained

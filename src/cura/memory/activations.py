@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from cura.memory.allocator import POOL_HEADROOM, pool_headroom
 from cura.memory.shapes import ModelShape
 from cura.memory.spec import PlanSpec, Term
 from cura.memory.weights import layer_trained_sizes, lora_targets, trained_sizes
@@ -344,6 +345,20 @@ def cuda_uncounted_bytes(allocated: int) -> int:
     """What the CUDA overhead term adds beyond `max_memory_allocated` (the context and the allocator's
     slack): the benchmark subtracts it from a plan to compare with a measured peak."""
     return CUDA_CONTEXT_BYTES + int(CUDA_ALLOCATOR_FRACTION * allocated)
+
+
+def allocator_headroom(spec: PlanSpec, tensors: int) -> Term:
+    """CPU on cura's pool (`spec.cpu_pool`): the cached blocks it may hold beyond the live tensors at the
+    peak, `cura.memory.allocator.pool_headroom` of them; 0 elsewhere (glibc with its threshold fixed returns
+    freed blocks; CUDA's caching allocator is in the framework overhead)."""
+    name = "allocator headroom"
+    if not (spec.cpu_pool and spec.device == "cpu"):
+        return Term(name, 0, "none")
+    return Term(
+        name,
+        pool_headroom(tensors),
+        f"cura's CPU pool: freed blocks kept for the next step, up to {POOL_HEADROOM:.0%} of the tensors",
+    )
 
 
 def framework_overhead(shape: ModelShape, spec: PlanSpec, allocated: int) -> Term:

@@ -14,8 +14,11 @@ tensors within a few MiB, which is what `cura.memory.planner` predicts (bench/re
 is a page fault per 4 KiB of each new large tensor (the kernel zeroes fresh pages): on the bundled model steps
 measured 1.35x to 1.7x slower (up to 1.9x on the tiny shapes; 3 steps each, bench/results/memory*.json).
 
-So `cura train` chooses per run (`cpu_malloc`): "tight" fixes the threshold, "fast" keeps glibc's default,
-and "auto" (the default) is fast unless FAST_RETENTION x the plan would not fit in the memory available now.
+cura's own CPU tensor pool (`cura.train.cpu_pool`, cpu_malloc "pool") is both: it keeps freed tensor blocks
+for reuse, so steps map nothing, and holds at most the most ever alive at once + POOL_HEADROOM, a term of
+the plan. So `cura train` chooses per run (`cpu_malloc`): "pool" where it builds, the default ("auto");
+otherwise "tight" fixes glibc's threshold, "fast" keeps glibc's default, and "auto" without the pool is fast
+unless FAST_RETENTION x the plan would not fit in the memory available now.
 """
 
 from __future__ import annotations
@@ -31,6 +34,18 @@ DEFAULT_THRESHOLD = 128 * 1024  # glibc's initial value, now fixed
 FAST_RETENTION = 3.0
 """Peak RSS with glibc's default malloc, as a multiple of the planned peak: the worst measured was 2.86x
 (bench/memory.py --malloc fast, the bundled model with float32 compute; 2.59x in the run on file)."""
+
+
+POOL_HEADROOM = 0.05
+"""cura's CPU pool holds the most ever alive at once plus this part of it (cached blocks whose size the next
+request does not take); the plan counts it as a term, and `cura train` caps the pool at the plan's tensors.
+Measured with it (bench/results/memory.json): peak RSS 1.03-1.04x the tight allocator's on the bundled
+model, at glibc's speed."""
+
+
+def pool_headroom(tensor_bytes: int) -> int:
+    """The plan's term for cura's CPU pool: POOL_HEADROOM of the tensors alive at the peak."""
+    return int(POOL_HEADROOM * tensor_bytes)
 
 
 def fast_malloc_bound(planned_peak: int) -> int:

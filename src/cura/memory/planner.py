@@ -39,6 +39,7 @@ from collections.abc import Callable
 from cura.memory import sharding
 from cura.memory.activations import (
     all_reduce_buffers,
+    allocator_headroom,
     dequant_scratch,
     final_norm_and_gather,
     first_recorded_group,
@@ -71,6 +72,7 @@ from cura.memory.weights import (
 
 __all__ = [  # the terms, importable from here as before the split into weights.py / activations.py
     "all_reduce_buffers",
+    "allocator_headroom",
     "MemoryPlan",
     "ModelShape",
     "PlanSpec",
@@ -157,9 +159,7 @@ _ACTIVATION_FORMULAS: dict[str, Callable[[ModelShape, PlanSpec, str], str]] = {
         "update": "freed before the update",
         "all_reduce": "freed before the all-reduce",
     }[ph],
-    "logits and loss": lambda s, p, ph: (
-        f"3 x {p.chunk} tokens x {s.vocab_size} vocab x 4 B (chunked loss)" if ph == "loss" else "not at peak"
-    ),
+    "logits and loss": lambda s, p, ph: _loss_formula(s, p) if ph == "loss" else "not at peak",
     "working buffers": lambda s, p, ph: {
         "loss": "none at this peak",
         "last_layer": "gradient buffers of one layer's MLP backward",
@@ -168,6 +168,16 @@ _ACTIVATION_FORMULAS: dict[str, Callable[[ModelShape, PlanSpec, str], str]] = {
         "all_reduce": "the flat bucket of the gradients' all-reduce across processes",
     }[ph],
 }
+
+
+def _loss_formula(s: ModelShape, p: PlanSpec) -> str:
+    """The formula of `loss_chunk_bytes` + `loss_grad_buffer` as the plan shows it."""
+    if p.method != "full" and p.sft_loss:  # the gradient in place in the float32 logits (+ the head's own)
+        per = "4 B" if p.e == 4 else f"(4 + {p.e}) B"
+        chunk = f"{p.chunk} tokens x {s.vocab_size} vocab x {per} (chunked loss, gradient in place)"
+    else:
+        chunk = f"3 x {p.chunk} tokens x {s.vocab_size} vocab x 4 B (chunked loss)"
+    return chunk + " + the hidden-state gradient of the tokens before the last chunk"
 
 
 def plan(shape: ModelShape, spec: PlanSpec) -> MemoryPlan:
@@ -191,13 +201,14 @@ def plan(shape: ModelShape, spec: PlanSpec) -> MemoryPlan:
     totals = {name: base + grads[name].bytes + sum(parts.values()) for name, parts in phases.items()}
     peak = max(totals, key=lambda k: totals[k])
     dynamic = [Term(k, v, _ACTIVATION_FORMULAS[k](shape, spec, peak)) for k, v in phases[peak].items()]
+    headroom = allocator_headroom(spec, totals[peak])
     overhead = framework_overhead(shape, spec, totals[peak])
-    terms = (*persistent, grads[peak], state, *dynamic, overhead)
+    terms = (*persistent, grads[peak], state, *dynamic, headroom, overhead)
     return MemoryPlan(
         shape=shape,
         spec=spec,
         terms=terms,
         peak_phase=peak,
-        phases={k: v + overhead.bytes for k, v in totals.items()},
+        phases={k: v + allocator_headroom(spec, v).bytes + overhead.bytes for k, v in totals.items()},
         host_bytes=host,
     )

@@ -76,7 +76,7 @@ def format_plan(p: MemoryPlan) -> str:
         lines.append(
             f"  {'cpu_malloc=fast':<{width}}  {format_bytes(fast_malloc_bound(p.peak_bytes)):>10}  allowed for "
             "(glibc's default malloc keeps freed memory: up to 2.9x measured); the peak above "
-            "holds with cpu_malloc=tight, which `cura train` picks when needed"
+            "holds with cura's pool (cpu_malloc auto, where a C++ compiler builds it) or cpu_malloc=tight"
         )
     lines += ["", fits_line(p), "", "rules of thumb (not this plan; shown for comparison):"]
     for rule in rules_of_thumb(p.shape.total_params):
@@ -124,7 +124,7 @@ def plan_to_dict(p: MemoryPlan) -> dict:
         "peak_phase": p.peak_phase,
         "phases_bytes": p.phases,
         "host_bytes": p.host_bytes,
-        # CPU: the most glibc's default malloc may hold (cpu_malloc=fast); the peak holds with cpu_malloc=tight
+        # CPU: the most glibc's default malloc may hold (cpu_malloc=fast); the peak holds with the pool or tight
         "cpu_malloc_fast_bytes": fast_malloc_bound(p.peak_bytes) if p.spec.device == "cpu" else None,
         "fits_gb": {str(gb): p.fits(gb * GiB) for gb in COMMON_SIZES_GB},
         "rules_of_thumb": {

@@ -33,8 +33,9 @@ class PlanSpec:
     get no adapter, matched as `cura.adapters` does (see `layer_targets`). `packing` means batches carry a
     (B, 1, T, T) attention mask (packed rows or padding), which also makes attention repeat K/V heads.
     `device` is "cuda" (GPU memory: what `torch.cuda.max_memory_allocated` counts, plus the CUDA context)
-    or "cpu" (the process's resident memory, RSS, with glibc's mmap threshold fixed as `cura train` does with
-    cpu_malloc=tight; glibc's default may hold up to FAST_RETENTION times more: `cura.memory.allocator`).
+    or "cpu" (the process's resident memory, RSS, with cura's pool, `cura train`'s default, or glibc's mmap
+    threshold fixed, cpu_malloc=tight; glibc's default may hold up to FAST_RETENTION times more:
+    `cura.memory.allocator`).
     """
 
     method: Method
@@ -57,6 +58,7 @@ class PlanSpec:
     fsdp: bool = False  # with world_size > 1: base, LoRA and optimizer state sharded (`cura.memory.sharding`)
     sequences_per_example: int = 1  # 2 for DPO/ORPO: chosen and rejected go through the model in one batch
     sft_loss: bool = True  # `loss_sum` (the gradient in place); False: a preference objective
+    cpu_pool: bool = False  # a CPU run on cura's pool (`cura.train.cpu_pool`): its headroom is a term
 
     def __post_init__(self) -> None:
         checks = (

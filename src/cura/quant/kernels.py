@@ -91,16 +91,29 @@ def build(flags: tuple[str, ...]) -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise OSError("no C compiler found (set CC or install cc / gcc)")
-    source = SOURCE.read_bytes()
-    command = [*shlex.split(compiler), *BASE_FLAGS, *flags]
-    key = hashlib.sha256(b"\0".join([source, " ".join(command).encode(), _cpu_id().encode()]))
-    target = cache_dir() / f"{key.hexdigest()[:24]}.so"
+    return build_library(SOURCE, [*shlex.split(compiler), *BASE_FLAGS, *flags], _cpu_id())
+
+
+def build_library(
+    source: Path, command: list[str], depends_on: str = "", *, link: tuple[str, ...] = (), suffix: str = ""
+) -> Path:
+    """``command -o <library> <source> link...`` into the cache, unless a build of the same source, command and
+    `depends_on` (what else the binary depends on: the CPU for -march=native, a library's version) is there;
+    returns the library's path. Written under a temporary name and renamed into place, so processes that
+    build at the same time never load a half-written file. Raises OSError / subprocess.SubprocessError."""
+    line = " ".join([*command, *link]).encode()
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), line, depends_on.encode()]))
+    target = cache_dir() / f"{key.hexdigest()[:24]}{suffix}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(target, mode=0o777) as tmp:  # a racing process sees no library or a whole one
         subprocess.run(
-            [*command, "-o", str(tmp), str(SOURCE)], check=True, capture_output=True, text=True, timeout=120
+            [*command, "-o", str(tmp), str(source), *link],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
     return target
 

@@ -128,33 +128,89 @@ def runtime_rss() -> int:
 
 
 def cpu_malloc_for_fit(config: TrainConfig, say: Callable[[str], None] = _say) -> TrainConfig:
-    """A fit on a CPU holds only where memory follows the plan: `cpu_malloc: auto` becomes tight (glibc's
-    default keeps freed memory, measured 0.9-2.9x the plan); an explicit `fast` is kept and fitted at a
-    third of the budget (`cura.memory.allocator.FAST_RETENTION`)."""
+    """A fit on a CPU holds only where memory follows the plan: `cpu_malloc: auto` becomes pool (cura's
+    caching allocator, `cura.train.cpu_pool`) where it builds, else tight (glibc's default keeps freed memory,
+    measured 0.9-2.9x the plan); an explicit `fast` is kept and fitted at a third of the budget
+    (`cura.memory.allocator.FAST_RETENTION`)."""
+    from cura.train import cpu_pool
+
     if config.cpu_malloc == "auto":
-        say("auto-fit: cpu_malloc=tight, so that the process's memory follows the plan it is fitted to")
-        return config.replace(cpu_malloc="tight")
+        mode = "pool" if cpu_pool.buildable() is None else "tight"
+        say(f"auto-fit: cpu_malloc={mode}, so that the process's memory follows the plan it is fitted to")
+        return config.replace(cpu_malloc=mode)
     return config
 
 
-def apply_cpu_malloc(config: TrainConfig, say: Callable[[str], None] = _say) -> bool:
-    """Fix glibc's mmap threshold when config.cpu_malloc says so, or (auto) when glibc's default retention
-    might not fit in the memory available (`cura.memory.allocator`); True when fixed."""
+def tensor_bytes(p) -> int:
+    """A CPU plan's peak without the framework's overhead: the bytes of tensors at the peak."""
+    return p.peak_bytes - sum(t.bytes for t in p.terms if t.name == "framework overhead")
+
+
+def apply_cpu_malloc(config: TrainConfig, say: Callable[[str], None] = _say) -> str:
+    """Set up this process's CPU allocator as `config.cpu_malloc` says, before the run allocates its
+    tensors, and say which in one line; returns the one in use: "pool", "tight" or "fast".
+
+    pool, and auto where it builds: cura's caching allocator (`cura.train.cpu_pool`), holding at most the
+    plan's tensors (its allocator headroom included); if it cannot be installed after all, tight instead (the run's checkpointing was
+    decided on memory that follows the plan). tight: glibc's mmap threshold fixed. fast: glibc's default.
+    auto without the pool (pool too, said so): fast unless glibc's retention might not fit in the memory
+    available (`cura.memory.allocator.choose_malloc`)."""
+    from cura.memory.allocator import available_memory, pin_mmap_threshold
+    from cura.train import cpu_pool
+
+    mode = config.cpu_malloc
+    if mode in ("tight", "fast"):
+        return _glibc(mode, None, say)
+    planned = _cpu_plan(config)
+    unavailable = cpu_pool.buildable()
+    if unavailable is not None:
+        if mode == "pool":
+            say(f"cpu_malloc=pool: cura's pool is not available here ({unavailable}); as cpu_malloc=auto")
+        return _glibc("auto", planned.peak_bytes if planned else None, say)
+    tensors = tensor_bytes(planned) if planned else None
+    limit = cpu_pool.pool_limit(tensors, available_memory())
+    failed = cpu_pool.install(limit)
+    if failed is None:
+        bound = "no limit" if limit is None else f"at most {format_bytes(limit)} held"
+        if tensors is not None:
+            bound += ": the plan's tensors"
+        elif limit is not None:
+            bound += ": half the memory available (no plan for this model)"
+        say(
+            f"cpu_malloc={mode}: pool, cura's caching allocator keeps freed tensors for the next step ({bound})"
+        )
+        return "pool"
+    if pin_mmap_threshold():
+        say(
+            f"cpu_malloc={mode}: cura's pool could not be installed ({failed}); tight instead, so that memory "
+            "follows the plan (steps up to 1.9x slower)"
+        )
+        return "tight"
+    say(f"cpu_malloc={mode}: cura's pool could not be installed ({failed}); glibc's default kept")
+    return "fast"
+
+
+def _cpu_plan(config: TrainConfig):
+    """The CPU plan of a settled config; None where checkpointing is unsettled or the shape unreadable."""
     from cura.hardware import native_bf16
+
+    if not isinstance(config.gradient_checkpointing, bool):
+        return None
+    try:
+        return plan(shape_from_source(config.model), plan_spec(config, "cpu", native_bf16=native_bf16("cpu")))
+    except CuraError:
+        return None  # a source the planner cannot read the shape of
+
+
+def _glibc(mode: str, peak: int | None, say: Callable[[str], None]) -> str:
+    """glibc's malloc as `mode` says (auto: by `peak` and the memory available); "tight" or "fast"."""
     from cura.memory.allocator import available_memory, choose_malloc, pin_mmap_threshold
 
-    peak = None
-    if config.cpu_malloc == "auto":
-        try:
-            spec = plan_spec(config, "cpu", native_bf16=native_bf16("cpu"))
-            peak = plan(shape_from_source(config.model), spec).peak_bytes
-        except CuraError:
-            peak = None  # a source the planner cannot read the shape of: keep glibc's default
-    choice = choose_malloc(config.cpu_malloc, peak, available_memory())
+    choice = choose_malloc(mode, peak, available_memory())
     if choice.tight:
         pinned = pin_mmap_threshold()
         say(choice.why if pinned else f"{choice.why}; not possible here (not glibc), glibc's default kept")
-        return pinned
-    if config.cpu_malloc == "auto" and peak is not None:
+        return "tight" if pinned else "fast"
+    if mode == "auto" and peak is not None:
         say(choice.why)
-    return False
+    return "fast"

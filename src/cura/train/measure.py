@@ -2,7 +2,7 @@
 
 Each measurement runs in a fresh Python process (`measure_in_subprocess`), so the numbers are that run's own:
 
-    choose glibc's allocator mode as `cura train` does (`cura.train.run.prepare_process`)
+    set up the CPU allocator as `cura train` does (`cura.train.run.prepare_process`: cura's pool or glibc's)
     import torch, transformers, cura (and the model's transformers class)   -> baseline
     `build_run(config, device, with_data=False)`: the run's own model setup (4-bit base or full precision,
     LoRA, checkpointing, the run's optimizer)                                 -> setup
@@ -41,7 +41,7 @@ class Measurement:
     steps: int
     seconds_per_step: float
     hwm_reset: bool
-    malloc_pinned: bool
+    allocator: str | None  # the CPU allocator: pool, tight or fast (None on CUDA)
 
     @property
     def peak_increase(self) -> int:
@@ -134,7 +134,7 @@ def _import_model_class(folder) -> None:
 
 def measure_steps(source: str, config, *, steps: int = 3, device: str = "cpu") -> Measurement:
     """Build `source` as `cura.train` does for `config` (a TrainConfig) and run `steps` optimizer steps;
-    call it in a fresh process. On a CPU, config.cpu_malloc decides glibc's allocator mode as in a run."""
+    call it in a fresh process. On a CPU, config.cpu_malloc decides the allocator as in a run."""
     import torch
 
     from cura.models.loading import hf_folder
@@ -142,7 +142,7 @@ def measure_steps(source: str, config, *, steps: int = 3, device: str = "cpu") -
     from cura.train.run import build_run, prepare_process
 
     config = config.replace(model=source)
-    _, pinned = prepare_process(config, torch.device(device), say=lambda message: None)
+    _, allocator = prepare_process(config, torch.device(device), say=lambda message: None)
     _import_model_class(hf_folder(*resolve_source(source)))
     on_cuda = device == "cuda"
     baseline = torch.cuda.memory_allocated() if on_cuda else proc_status()["VmRSS"]
@@ -174,7 +174,7 @@ def measure_steps(source: str, config, *, steps: int = 3, device: str = "cpu") -
         del batch
     seconds = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated() if on_cuda else proc_status()["VmHWM"]
-    return Measurement(device, baseline, setup, peak, steps, seconds, reset, pinned)
+    return Measurement(device, baseline, setup, peak, steps, seconds, reset, allocator)
 
 
 def measure_in_subprocess(

@@ -54,14 +54,33 @@ def plan_spec(
         fsdp=config.fsdp and world_size > 1,
         sequences_per_example=2 if config.objective in PAIRED else 1,
         sft_loss=config.objective == "sft",
+        cpu_pool=device == "cpu" and uses_pool(config),
     )
+
+
+def uses_pool(config: TrainConfig) -> bool:
+    """Whether a CPU run of `config` allocates its tensors from cura's pool: `cpu_malloc` pool or auto, where
+    the pool can be built (`cura.train.cpu_pool.buildable`; torch-free)."""
+    from cura.train import cpu_pool
+
+    return config.cpu_malloc in ("pool", "auto") and cpu_pool.buildable() is None
 
 
 AUTO_CHECKPOINTING_SHARE = 0.8
 """`gradient_checkpointing: auto` keeps every layer's activations only when the plan without recompute takes at
 most this part of the memory available: the planner is within 10% of measured peaks (bench/memory.py), and
-the rest is left to whatever else the machine runs. On a CPU with glibc's default malloc (`cpu_malloc` auto or
-fast) the bound is `cura.memory.allocator.fast_malloc_bound` instead, the most that malloc may hold."""
+the rest is left to whatever else the machine runs. On a CPU with glibc's default malloc (`cpu_malloc: fast`,
+or auto where cura's pool cannot be built) the bound is `cura.memory.allocator.fast_malloc_bound` instead,
+the most that malloc may hold."""
+
+
+def keeps_freed_memory(config: TrainConfig, device: str) -> bool:
+    """Whether the run's CPU allocator may hold far more than the plan: glibc's default malloc, which
+    `cpu_malloc: fast` keeps, and `auto` where cura's pool cannot be built (`cura.train.cpu_pool.buildable`).
+    cura's pool and tight hold the plan; a GPU's memory is the plan's by its own caching allocator."""
+    if device != "cpu":
+        return False
+    return config.cpu_malloc == "fast" or (config.cpu_malloc == "auto" and not uses_pool(config))
 
 
 def settle_checkpointing(
@@ -94,7 +113,7 @@ def settle_checkpointing(
     off = dataclasses.replace(config, gradient_checkpointing=False)
     peak = plan(shape, plan_spec(off, device, native_bf16=native_bf16)).peak_bytes
     needs = int(peak / AUTO_CHECKPOINTING_SHARE)
-    if device == "cpu" and config.cpu_malloc != "tight":
+    if keeps_freed_memory(config, device):
         needs = max(needs, fast_malloc_bound(peak))
     if needs <= available:
         return off, (

@@ -1,6 +1,6 @@
 """One run's setup, written once: `build_run(config, device) -> Run`.
 
-    prepare_process(config)     torch threads, glibc's allocator mode on a CPU (before anything is allocated)
+    prepare_process(config)     torch threads, the CPU allocator (cura's pool or glibc's; before the run allocates)
     build_run(config, device)
         tokenizer -> data (a bad row stops the run before a model is loaded)        [with_data=True]
         model: 4-bit base (method=qlora) or full precision, LoRA on the targets, checkpointing
@@ -177,16 +177,16 @@ class Run:
 
 def prepare_process(
     config: TrainConfig, device: torch.device | None = None, say: Say = _say
-) -> tuple[torch.device, bool]:
-    """Torch's thread count and, on a CPU, glibc's allocator mode for this process (both before any tensor
-    is allocated); returns (the device: `device`, else the first GPU or the CPU; whether glibc's mmap
-    threshold was fixed)."""
+) -> tuple[torch.device, str | None]:
+    """Torch's thread count and, on a CPU, the allocator of this process (both before the run allocates);
+    returns (the device: `device`, else the first GPU or the CPU; the CPU allocator in use: "pool", "tight"
+    or "fast", `cura.train.autofit.apply_cpu_malloc`, None off a CPU)."""
     threads = config.threads or default_threads()  # default: physical cores (cura.hardware)
     if threads:
         torch.set_num_threads(threads)
     device = device or default_device()
-    pinned = apply_cpu_malloc(config, say) if device.type == "cpu" else False
-    return device, pinned
+    allocator = apply_cpu_malloc(config, say) if device.type == "cpu" else None
+    return device, allocator
 
 
 def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
