@@ -106,9 +106,10 @@ def write_models(folder: Path) -> dict[str, str]:
 
 
 def compare(entry: dict, source: str, device: str, malloc: str) -> dict:
-    config = from_dict(TrainConfig, entry["settings"])
+    settings = {**entry["settings"], "cpu_malloc": malloc}
+    config = from_dict(TrainConfig, settings)  # the allocator's plan (the pool's has its headroom term)
     the_plan = plan(shape_from_source(source), plan_spec(config, device))
-    measured = measure_in_subprocess(source, {**entry["settings"], "cpu_malloc": malloc}, device=device)
+    measured = measure_in_subprocess(source, settings, device=device)
     predicted = the_plan.peak_bytes
     if device == "cuda":
         predicted -= the_plan.term("framework overhead")

@@ -75,7 +75,7 @@ def format_plan(p: MemoryPlan) -> str:
     if p.spec.device == "cpu":
         lines.append(
             f"  {'cpu_malloc=fast':<{width}}  {format_bytes(fast_malloc_bound(p.peak_bytes)):>10}  allowed for "
-            "(glibc's default malloc keeps freed memory: up to 2.9x measured); the peak above "
+            "(glibc's default malloc keeps freed memory: up to 3.4x measured); the peak above "
             "holds with cura's pool (cpu_malloc auto, where a C++ compiler builds it) or cpu_malloc=tight"
         )
     lines += ["", fits_line(p), "", "rules of thumb (not this plan; shown for comparison):"]

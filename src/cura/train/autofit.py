@@ -130,7 +130,7 @@ def runtime_rss() -> int:
 def cpu_malloc_for_fit(config: TrainConfig, say: Callable[[str], None] = _say) -> TrainConfig:
     """A fit on a CPU holds only where memory follows the plan: `cpu_malloc: auto` becomes pool (cura's
     caching allocator, `cura.train.cpu_pool`) where it builds, else tight (glibc's default keeps freed memory,
-    measured 0.9-2.9x the plan); an explicit `fast` is kept and fitted at a third of the budget
+    measured 0.9-3.4x the plan); an explicit `fast` is kept and fitted at 1 / 3.5 of the budget
     (`cura.memory.allocator.FAST_RETENTION`)."""
     from cura.train import cpu_pool
 

@@ -122,7 +122,7 @@ class TrainConfig:
     threads: int = 0
     """CPU threads for torch; 0: all cores"""
     cpu_malloc: Malloc = "auto"
-    """CPU runs: pool, cura's caching allocator, keeps memory within `cura estimate` at full speed (needs a C++ compiler); tight makes glibc follow it (steps up to 1.9x slower); fast keeps glibc's default (may hold up to 3x); auto: pool where it builds, else fast unless that might not fit"""
+    """CPU runs: pool, cura's caching allocator, keeps memory within `cura estimate` at full speed (needs a C++ compiler); tight makes glibc follow it (steps up to 1.9x slower); fast keeps glibc's default (may hold up to 3.5x); auto: pool where it builds, else fast unless that might not fit"""
     progress: bool = True
     """show progress bars"""
     report_to: tuple[Reporter, ...] = ()

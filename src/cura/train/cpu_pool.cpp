@@ -2,7 +2,7 @@
 // c10::SetCPUAllocator by cura/train/cpu_pool.py (built on first use, loaded with ctypes).
 //
 // A training step allocates and frees the same tensors, of the same sizes, every step. glibc's malloc
-// either keeps freed blocks in its heaps (fast, but resident memory 0.9-2.9x the live tensors and not
+// either keeps freed blocks in its heaps (fast, but resident memory 0.9-3.4x the live tensors and not
 // reproducible) or, with a fixed mmap threshold, maps and unmaps every large block (resident memory follows
 // the live tensors, but every step page-faults each block in again: 1.35-1.9x slower steps). The pool keeps
 // freed blocks of at least `min_bytes` in a free list keyed by size and hands them out again (best fit,

@@ -2,7 +2,7 @@
 PyTorch's CPU tensors, so that a training process's memory follows the plan at the speed of glibc's default.
 
 A training step allocates and frees the same tensors every step. glibc's default malloc keeps freed blocks
-in its heaps: fast, but resident memory measured 0.9-2.9x the live tensors, and not reproducible from run to
+in its heaps: fast, but resident memory measured 0.9-3.4x the live tensors, and not reproducible from run to
 run. With its mmap threshold fixed (`cpu_malloc: tight`) every large block is mapped and unmapped, so memory
 follows the live tensors, but every step faults each page in again (steps 1.35-1.9x slower). The pool
 (`cpu_pool.cpp`) keeps the freed blocks of 128 KiB and more for reuse (best fit, at most 1.25x the request),
