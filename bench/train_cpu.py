@@ -192,9 +192,8 @@ def run_cura(
         cpu_malloc="fast" if ablation == "glibc_malloc" else "auto",
     )
     config = settle_for_device(config, torch.device("cpu"))  # gradient_checkpointing auto, as `cura train`
-    apply_cpu_malloc(
-        config, say=lambda m: None
-    )  # the CPU allocator `cura train` sets up: its pool by default
+    # the CPU allocator `cura train` sets up: its pool by default
+    apply_cpu_malloc(config, say=lambda m: None)
     run = build_run(config, torch.device("cpu"), with_data=False)  # the setup of `cura train` itself
     undo(run.model, ablation)
     vocab = run.model.config.vocab_size

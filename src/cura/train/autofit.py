@@ -143,7 +143,7 @@ def cpu_malloc_for_fit(config: TrainConfig, say: Callable[[str], None] = _say) -
 
 def tensor_bytes(p) -> int:
     """A CPU plan's peak without the framework's overhead: the bytes of tensors at the peak."""
-    return p.peak_bytes - sum(t.bytes for t in p.terms if t.name == "framework overhead")
+    return p.peak_bytes - p.term("framework overhead")
 
 
 def apply_cpu_malloc(config: TrainConfig, say: Callable[[str], None] = _say) -> str:
@@ -151,8 +151,9 @@ def apply_cpu_malloc(config: TrainConfig, say: Callable[[str], None] = _say) -> 
     tensors, and say which in one line; returns the one in use: "pool", "tight" or "fast".
 
     pool, and auto where it builds: cura's caching allocator (`cura.train.cpu_pool`), holding at most the
-    plan's tensors (its allocator headroom included); if it cannot be installed after all, tight instead (the run's checkpointing was
-    decided on memory that follows the plan). tight: glibc's mmap threshold fixed. fast: glibc's default.
+    plan's tensors (its allocator headroom included); if it cannot be installed after all, tight instead
+    (the run's checkpointing was decided on memory that follows the plan). tight: glibc's mmap threshold
+    fixed. fast: glibc's default.
     auto without the pool (pool too, said so): fast unless glibc's retention might not fit in the memory
     available (`cura.memory.allocator.choose_malloc`)."""
     from cura.memory.allocator import available_memory, pin_mmap_threshold

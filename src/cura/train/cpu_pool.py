@@ -83,7 +83,7 @@ def compiler() -> list[str] | None:
     """The C++ compiler command: $CXX, else the first of c++, g++, clang++ on PATH."""
     if os.environ.get("CXX"):
         return shlex.split(os.environ["CXX"])
-    found = next((shutil.which(name) for name in ("c++", "g++", "clang++") if shutil.which(name)), None)
+    found = next(filter(None, map(shutil.which, ("c++", "g++", "clang++"))), None)
     return [found] if found else None
 
 
